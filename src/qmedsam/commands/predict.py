@@ -1,0 +1,149 @@
+"""`qmedsam predict`: challenge-format cases in, `segs` files out, with timing and a clear error list."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+
+from qmedsam.errors import UserFacingError
+
+log = logging.getLogger("qmedsam.predict")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment every case (.npz) in a folder",
+        description=(
+            "Segment challenge-format cases (2D_*.npz with imgs (H,W,3)+boxes (N,4); 3D_*.npz with imgs (D,H,W)+"
+            "boxes (N,6)). Writes one npz per case with `segs` (label i = box i), timing.csv, and optional PNG "
+            "overlays. Bad cases are reported and skipped; the exit code is 1 if any case failed."
+        ),
+    )
+    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of case .npz files (or one file)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="folder for segmentations and timing.csv")
+    parser.add_argument(
+        "-m",
+        "--model",
+        type=Path,
+        default=None,
+        help="OpenVINO model directory from `qmedsam export` (default: fp32 IR of the pretrained weights, built once "
+        "into the user cache)",
+    )
+    parser.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
+    parser.add_argument(
+        "--precision",
+        choices=["f32", "bf16"],
+        default="f32",
+        help="OpenVINO inference precision hint (default f32; bf16 is faster on CPUs that have it)",
+    )
+    parser.add_argument(
+        "--prompt-mode",
+        choices=["fixed", "propagate"],
+        default="fixed",
+        help="3D prompts: 'fixed' = the 3D box's xy extent on every slice (default, better on real CT/MR); "
+        "'propagate' = the LiteMedSAM baseline's slice-to-slice mask boxes",
+    )
+    parser.add_argument("--checkpoint", type=Path, default=None, help="torch engine: float state dict to load")
+    parser.add_argument("--overlays", type=Path, default=None, help="write a PNG with mask contours per case here")
+    parser.add_argument("--batch", type=int, default=16, help="boxes per decoder call (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    parser.set_defaults(func=run)
+
+
+def list_cases(input_path: Path) -> list[Path]:
+    if input_path.is_file():
+        return [input_path]
+    if not input_path.is_dir():
+        raise UserFacingError(f"{input_path}: no such file or folder")
+    cases = sorted(p for p in input_path.glob("*.npz") if not p.name.startswith("."))
+    if not cases:
+        raise UserFacingError(f"{input_path}: no .npz case files found")
+    return cases
+
+
+def build_engine(args: argparse.Namespace):
+    from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
+
+    if args.engine == "torch":
+        if args.model is not None:
+            raise UserFacingError("-m is an OpenVINO model directory; with --engine torch use --checkpoint")
+        from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+        return TorchEngine(load_pretrained_litemedsam(args.checkpoint), args.threads)
+    if args.checkpoint is not None:
+        raise UserFacingError("--checkpoint applies to --engine torch; export it with `qmedsam export` for OpenVINO")
+    from qmedsam.deploy.export import ensure_default_model
+
+    model_dir = args.model if args.model is not None else ensure_default_model()
+    return OpenVINOEngine(model_dir, precision=args.precision, num_threads=args.threads)
+
+
+TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status", "message"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qmedsam.data.cases import CaseError, atomic_write_bytes, modality_of, read_case, write_segmentation
+    from qmedsam.deploy.overlays import write_overlay
+    from qmedsam.deploy.segment import segment_case
+
+    if args.batch < 1:
+        raise UserFacingError("--batch must be at least 1")
+    cases = list_cases(args.input)
+    started = time.perf_counter()
+    engine = build_engine(args)
+    load_seconds = time.perf_counter() - started
+    log.info("engine %s ready in %.2f s", engine.name, load_seconds)
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
+    failures = 0
+    progress = tqdm(cases, desc="predict", unit="case", file=sys.stderr)
+    for path in progress:
+        progress.set_postfix_str(path.name)
+        t0 = time.perf_counter()
+        row: dict[str, object] = {"case": path.name, "modality": modality_of(path.name)}
+        try:
+            case = read_case(path)
+            row.update(dimension=f"{case.dimension}D", objects=len(case.boxes))
+            for warning in case.warnings:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
+            segs = segment_case(engine, case, prompt_mode=args.prompt_mode, batch=args.batch)
+            write_segmentation(args.output, path.name, segs)
+            row.update(seconds=round(time.perf_counter() - t0, 4), status="ok", message="; ".join(case.warnings))
+            if args.overlays is not None:
+                write_overlay(case, segs, args.overlays)
+        except CaseError as exc:
+            failures += 1
+            row.update(seconds=round(time.perf_counter() - t0, 4), status="error", message=str(exc))
+            tqdm.write(f"error: {exc}", file=sys.stderr)
+        except Exception as exc:  # one broken case must not end the batch
+            failures += 1
+            row.update(
+                seconds=round(time.perf_counter() - t0, 4), status="error", message=f"{type(exc).__name__}: {exc}"
+            )
+            tqdm.write(f"error: {path}: unexpected failure: {type(exc).__name__}: {exc}", file=sys.stderr)
+            log.debug("traceback", exc_info=True)
+        rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TIMING_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(args.output / "timing.csv", buffer.getvalue().encode())
+    done = len(cases) - failures
+    total = time.perf_counter() - started
+    print(
+        f"{done}/{len(cases)} cases segmented with {engine.name} in {total:.1f} s "
+        f"(engine load {load_seconds:.1f} s); timing: {args.output / 'timing.csv'}",
+        file=sys.stderr,
+    )
+    if failures:
+        print(f"{failures} case(s) failed; see the errors above and timing.csv", file=sys.stderr)
+        return 1
+    return 0

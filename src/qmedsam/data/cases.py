@@ -1,0 +1,232 @@
+"""Challenge-format case files: read and validate untrusted `.npz` inputs, write outputs atomically.
+
+Every problem is reported with the file, the key and what was expected, so a batch run can skip one bad
+case and say exactly why. Recoverable oddities (a box partly outside the image) become warnings.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+
+class CaseError(ValueError):
+    """A case file that cannot be segmented; the message names file, key and expectation."""
+
+
+@dataclass
+class Case:
+    """One validated case: image, boxes (clipped to the image, int64) and optional spacing."""
+
+    path: Path
+    dimension: Literal[2, 3]
+    image: np.ndarray  # 2D: (H, W, 3); 3D: (D, H, W)
+    boxes: np.ndarray  # 2D: (N, 4) x0 y0 x1 y1; 3D: (N, 6) x0 y0 z0 x1 y1 z1 (inclusive)
+    spacing: tuple[float, float, float] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def modality(self) -> str:
+        return modality_of(self.path.name)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """Shape of the segmentation: (H, W) for 2D, (D, H, W) for 3D."""
+        return tuple(self.image.shape[:2]) if self.dimension == 2 else tuple(self.image.shape)
+
+
+def modality_of(file_name: str) -> str:
+    """The modality is the second `_`-separated token: `3D_CT_Abdomen_0007.npz` -> `CT`."""
+    parts = Path(file_name).stem.split("_")
+    return parts[1] if len(parts) > 1 else "unknown"
+
+
+def segmentation_dtype(n_objects: int) -> np.dtype:
+    """Smallest unsigned dtype that holds labels 0..n_objects (the baseline's uint8 broke above 255)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_objects <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load every array of an npz without pickles; unreadable files become CaseError."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise CaseError(f"{path}: file not found") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CaseError(f"{path}: not a readable .npz without pickled objects ({exc})") from None
+
+
+def _dimension_from_name(path: Path) -> int | None:
+    prefix = path.name[:2].upper()
+    return {"2D": 2, "3D": 3}.get(prefix)
+
+
+def _validate_image(path: Path, image: np.ndarray, dimension: int) -> np.ndarray:
+    if image.dtype.kind not in "uif" and image.dtype != np.bool_:
+        raise CaseError(f"{path}: key 'imgs' has dtype {image.dtype}; expected a numeric image (uint8 preferred)")
+    if dimension == 2:
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        elif image.ndim == 3 and image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        elif not (image.ndim == 3 and image.shape[2] == 3):
+            raise CaseError(
+                f"{path}: key 'imgs' has shape {image.shape}; expected (H, W, 3), (H, W, 1) or (H, W) for a 2D case"
+            )
+    elif image.ndim != 3:
+        raise CaseError(f"{path}: key 'imgs' has shape {image.shape}; expected (D, H, W) for a 3D case")
+    if min(image.shape) == 0:
+        raise CaseError(f"{path}: key 'imgs' is empty (shape {image.shape})")
+    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+        raise CaseError(f"{path}: key 'imgs' contains NaN or infinite values")
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8)
+    return image
+
+
+def _validate_boxes(path: Path, boxes: np.ndarray, dimension: int, shape: tuple[int, ...], warnings: list[str]):
+    width = 4 if dimension == 2 else 6
+    boxes = np.asarray(boxes)
+    if boxes.dtype.kind not in "uif":
+        raise CaseError(f"{path}: key 'boxes' has dtype {boxes.dtype}; expected numbers")
+    if boxes.ndim == 1 and boxes.size == width:
+        boxes = boxes[None, :]
+    if boxes.size == 0:
+        raise CaseError(f"{path}: key 'boxes' is empty; expected at least one box of {width} numbers")
+    if boxes.ndim != 2 or boxes.shape[1] != width:
+        raise CaseError(f"{path}: key 'boxes' has shape {boxes.shape}; expected (N, {width}) for a {dimension}D case")
+    if not np.all(np.isfinite(boxes)):
+        rows = sorted(set(np.where(~np.isfinite(boxes))[0].tolist()))
+        raise CaseError(f"{path}: key 'boxes' has NaN or infinite values in rows {rows}")
+    boxes = np.rint(boxes).astype(np.int64)
+    half = width // 2
+    lo, hi = boxes[:, :half], boxes[:, half:]
+    # Axis order of the box columns: x, y(, z); array axes are (y, x) or (z, y, x).
+    extents = [shape[1], shape[0]] if dimension == 2 else [shape[2], shape[1], shape[0]]
+    axis_names = "xyz"
+    for row in range(len(boxes)):
+        for a in range(half):
+            if hi[row, a] < lo[row, a]:
+                raise CaseError(
+                    f"{path}: key 'boxes' row {row} is inverted ({axis_names[a]}_max {hi[row, a]} < "
+                    f"{axis_names[a]}_min {lo[row, a]})"
+                )
+            if hi[row, a] < 0 or lo[row, a] > extents[a] - 1:
+                raise CaseError(
+                    f"{path}: key 'boxes' row {row} lies outside the image along {axis_names[a]} "
+                    f"([{lo[row, a]}, {hi[row, a]}] vs size {extents[a]})"
+                )
+        if hi[row, 0] == lo[row, 0] or hi[row, 1] == lo[row, 1]:
+            raise CaseError(
+                f"{path}: key 'boxes' row {row} has zero width or height ({boxes[row].tolist()}); "
+                "expected x_max > x_min and y_max > y_min"
+            )
+    clipped = boxes.copy()
+    for a in range(half):
+        clipped[:, a] = np.clip(lo[:, a], 0, extents[a] - 1)
+        clipped[:, half + a] = np.clip(hi[:, a], 0, extents[a] - 1)
+    changed = np.where(np.any(clipped != boxes, axis=1))[0]
+    if len(changed):
+        warnings.append(f"{path.name}: boxes {changed.tolist()} extend outside the image; clipped to it")
+    return clipped
+
+
+def _validate_spacing(path: Path, data: dict[str, np.ndarray], warnings: list[str]):
+    if "spacing" not in data:
+        return None
+    spacing = np.asarray(data["spacing"], dtype=np.float64).ravel() if data["spacing"].dtype.kind in "uif" else None
+    if spacing is None or spacing.size != 3 or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        warnings.append(f"{path.name}: key 'spacing' is {data['spacing']!r}; expected 3 positive numbers, ignored")
+        return None
+    return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def read_case(path: str | os.PathLike) -> Case:
+    """Read and validate one challenge case (`imgs`, `boxes`, optional `spacing`)."""
+    path = Path(path)
+    data = load_npz(path)
+    for key in ("imgs", "boxes"):
+        if key not in data:
+            raise CaseError(f"{path}: missing key '{key}' (found keys: {sorted(data)})")
+    boxes = np.asarray(data["boxes"])
+    dimension = _dimension_from_name(path)
+    if dimension is None:
+        if boxes.ndim == 2 and boxes.shape[1] in (4, 6):
+            dimension = 2 if boxes.shape[1] == 4 else 3
+        else:
+            dimension = (
+                2 if data["imgs"].ndim == 2 or (data["imgs"].ndim == 3 and data["imgs"].shape[2] in (1, 3)) else 3
+            )
+    warnings: list[str] = []
+    image = _validate_image(path, data["imgs"], dimension)
+    shape = image.shape[:2] if dimension == 2 else image.shape
+    boxes = _validate_boxes(path, boxes, dimension, tuple(shape), warnings)
+    spacing = _validate_spacing(path, data, warnings)
+    return Case(path=path, dimension=dimension, image=image, boxes=boxes, spacing=spacing, warnings=warnings)
+
+
+def read_ground_truth(path: str | os.PathLike, key: str = "gts") -> np.ndarray:
+    """Read a ground-truth label array (integer labels 1..N, 0 = background)."""
+    path = Path(path)
+    data = load_npz(path)
+    if key not in data:
+        raise CaseError(f"{path}: missing key '{key}' (found keys: {sorted(data)})")
+    labels = data[key]
+    if labels.dtype.kind not in "uib":
+        if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        else:
+            raise CaseError(f"{path}: key '{key}' has dtype {labels.dtype}; expected integer labels")
+    if labels.size and labels.min() < 0:
+        raise CaseError(f"{path}: key '{key}' has negative labels; expected 0 (background) and 1..N")
+    return labels
+
+
+def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> Path:
+    """Write an npz via a temporary file in the same folder and rename it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write bytes via a temporary file and rename (used for PNG, CSV and JSON outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_segmentation(out_dir: str | os.PathLike, case_name: str, segs: np.ndarray) -> Path:
+    """Write `segs` for a case under the same file name, atomically."""
+    return atomic_savez(Path(out_dir) / case_name, segs=segs)

@@ -1,0 +1,111 @@
+"""The one preprocessing used by training and inference (PROTOCOL.md, "Preprocessing").
+
+Image: longest side -> 256 with INTER_AREA, min-max to [0, 1], zero-pad bottom/right to 256².
+Boxes: scaled by 256 / max(H, W). Output: logits cropped to the resized extent, bilinear back to
+(H, W), threshold at logit > 0. Masks for training go through `resize_mask`, the same geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MODEL_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original (H, W) image maps into the padded model square."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    size: int = MODEL_SIZE
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.original)
+
+
+def geometry_for(height: int, width: int, size: int = MODEL_SIZE) -> Geometry:
+    """New size `int(x * size / max(H, W) + 0.5)` per side, as the baseline computes it."""
+    scale = size / max(height, width)
+    return Geometry((height, width), (int(height * scale + 0.5), int(width * scale + 0.5)), size)
+
+
+def _resize(array: np.ndarray, geometry: Geometry, interpolation: int) -> np.ndarray:
+    new_h, new_w = geometry.resized
+    if array.shape[:2] == (new_h, new_w):
+        return array.copy()
+    return cv2.resize(array, (new_w, new_h), interpolation=interpolation)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1) grey -> (H, W, 3); (H, W, 3) unchanged."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return image
+
+
+def preprocess_image(image: np.ndarray, size: int = MODEL_SIZE) -> tuple[np.ndarray, Geometry]:
+    """One 2D image or slice -> ((1, 3, size, size) float32 in [0, 1], geometry)."""
+    image = to_rgb(np.asarray(image))
+    if image.dtype not in (np.uint8, np.float32):
+        image = image.astype(np.float32)
+    geometry = geometry_for(image.shape[0], image.shape[1], size)
+    resized = _resize(image, geometry, cv2.INTER_AREA).astype(np.float32)
+    low, high = float(resized.min()), float(resized.max())
+    normalised = (resized - low) / max(high - low, 1e-8)
+    padded = np.zeros((size, size, 3), dtype=np.float32)
+    padded[: normalised.shape[0], : normalised.shape[1]] = normalised
+    return np.ascontiguousarray(padded.transpose(2, 0, 1)[None]), geometry
+
+
+def scale_boxes(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(B, 4) [x0, y0, x1, y1] in original pixels -> model space, truncated to integers like the baseline."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.floor(boxes * geometry.scale).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A label/binary mask into the padded model square (nearest neighbour, so labels stay labels)."""
+    resized = _resize(mask, geometry, cv2.INTER_NEAREST)
+    padded = np.zeros((geometry.size, geometry.size), dtype=mask.dtype)
+    padded[: resized.shape[0], : resized.shape[1]] = resized
+    return padded
+
+
+def mask_box(mask: np.ndarray, margin: int = 0, limit: int | None = None) -> np.ndarray | None:
+    """Tight [x0, y0, x1, y1] of a 2D mask, widened by `margin` and clipped to [0, limit]; None if empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    h, w = mask.shape
+    limit_x = w if limit is None else limit
+    limit_y = h if limit is None else limit
+    return np.array(
+        [
+            max(0, xs.min() - margin),
+            max(0, ys.min() - margin),
+            min(limit_x, xs.max() + margin),
+            min(limit_y, ys.max() + margin),
+        ],
+        dtype=np.float32,
+    )
+
+
+def postprocess_logits(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(B, size, size) logits -> (B, H, W) bool masks: crop, bilinear resize, logit > 0."""
+    logits = np.asarray(logits, dtype=np.float32)
+    new_h, new_w = geometry.resized
+    height, width = geometry.original
+    masks = np.empty((logits.shape[0], height, width), dtype=bool)
+    for i, logit in enumerate(logits):
+        cropped = np.ascontiguousarray(logit[:new_h, :new_w])
+        if (new_h, new_w) != (height, width):
+            cropped = cv2.resize(cropped, (width, height), interpolation=cv2.INTER_LINEAR)
+        masks[i] = cropped > 0
+    return masks

@@ -1,0 +1,172 @@
+"""Engines: the narrow protocol everything above it uses (`encode`, `decode`), two implementations.
+
+`TorchEngine` is the reference (float or fake-quant PyTorch); `OpenVINOEngine` runs an exported model
+directory (encoder.xml, decoder.xml, meta.json). Both take and return numpy arrays so 2D/3D logic,
+propagation and the CLI are engine-agnostic and parity tests compare engines on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qmedsam.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+PRECISION_HINTS = ("f32", "bf16")
+
+
+class Engine(Protocol):
+    """Encode a preprocessed image once, decode any number of boxes against its embedding."""
+
+    name: str
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        """(1, 3, 256, 256) float32 in [0, 1] -> (1, 256, 64, 64) float32."""
+        ...
+
+    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Embedding (1, 256, 64, 64) + boxes (B, 4) in 256-space -> logits (B, 256, 256) float32."""
+        ...
+
+
+class TorchEngine:
+    """PyTorch reference engine; the model may be float or Brevitas fake-quant."""
+
+    def __init__(self, model, num_threads: int | None = None, name: str = "torch") -> None:
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = model.eval()
+        self.name = name
+        self._torch = torch
+
+    @classmethod
+    def pretrained(cls, num_threads: int | None = None) -> TorchEngine:
+        from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+        return cls(load_pretrained_litemedsam(), num_threads)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model.encode(self._torch.from_numpy(np.ascontiguousarray(image, np.float32))).numpy()
+
+    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            logits, _ = self.model.decode(
+                torch.from_numpy(np.ascontiguousarray(embedding, np.float32)),
+                torch.from_numpy(np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)),
+            )
+        return logits[:, 0].numpy()
+
+
+def default_cache_root() -> Path:
+    """`$QMEDSAM_CACHE`, else `$XDG_CACHE_HOME/qmedsam`, else `~/.cache/qmedsam`."""
+    if os.environ.get("QMEDSAM_CACHE"):
+        return Path(os.environ["QMEDSAM_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "qmedsam"
+
+
+def read_model_meta(model_dir: Path) -> dict:
+    """meta.json of a model directory, validated enough to give a clear error."""
+    model_dir = Path(model_dir)
+    for name in ("encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin", "meta.json"):
+        if not (model_dir / name).is_file():
+            raise UserFacingError(
+                f"{model_dir}: not a qmedsam model directory (missing {name}); create one with `qmedsam export`"
+            )
+    try:
+        meta = json.loads((model_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserFacingError(f"{model_dir / 'meta.json'}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("image_size", 256) != 256:
+        raise UserFacingError(f"{model_dir / 'meta.json'}: expected a JSON object with image_size 256")
+    return meta
+
+
+class OpenVINOEngine:
+    """OpenVINO engine over an exported model directory.
+
+    The CPU plugin's default inference precision is bf16 where the CPU supports it, so the hint is
+    always set explicitly. Compiled blobs are cached (`CACHE_DIR`) so later processes start fast.
+    Inputs are never shared with OpenVINO (`share_inputs=False`): a later call must not see, or
+    overwrite, an array the caller still holds.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        precision: str = "f32",
+        num_threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        import openvino as ov
+
+        if precision not in PRECISION_HINTS:
+            raise UserFacingError(f"precision hint must be one of {PRECISION_HINTS}, got {precision!r}")
+        self.model_dir = Path(model_dir)
+        self.meta = read_model_meta(self.model_dir)
+        self.precision = precision
+        self.name = f"openvino-{self.meta.get('precision', 'fp32')}-{precision}"
+        core = ov.Core()
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "ov_cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        config: dict[str, object] = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "CACHE_DIR": str(cache),
+        }
+        if num_threads:
+            config["INFERENCE_NUM_THREADS"] = int(num_threads)
+        self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", config)
+        self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", config)
+        self._encode_request = self.encoder.create_infer_request()
+        self._decode_request = self.decoder.create_infer_request()
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        result = self._encode_request.infer(
+            {"image": np.ascontiguousarray(image, np.float32)}, share_inputs=False, share_outputs=False
+        )
+        return np.array(result[self.encoder.output(0)])
+
+    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        boxes = np.ascontiguousarray(boxes, np.float32).reshape(-1, 1, 4)
+        result = self._decode_request.infer(
+            {"image_embedding": np.ascontiguousarray(embedding, np.float32), "boxes": boxes},
+            share_inputs=False,
+            share_outputs=False,
+        )
+        return np.array(result[self.decoder.output(0)])
+
+    def runtime_precisions(self) -> dict[str, dict[str, int]]:
+        """Count of Convolution/FullyConnected/MatMul-like layers per runtime precision, per part."""
+        return {
+            "encoder": layer_precisions(self.encoder),
+            "decoder": layer_precisions(self.decoder),
+        }
+
+
+HEAVY_LAYER_TYPES = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+def layer_precisions(compiled) -> dict[str, int]:
+    """Read what the CPU plugin really runs: `runtimePrecision` of each heavy layer (never assume)."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer_type = str(info["layerType"]) if "layerType" in info else op.get_type_name()
+        if layer_type not in HEAVY_LAYER_TYPES:
+            continue
+        precision = str(info["runtimePrecision"]) if "runtimePrecision" in info else "unknown"
+        key = f"{layer_type}:{precision}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

