@@ -34,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parity_samples_from(folder: Path, limit: int = 6):
-    """2D cases as they are, 3D cases as the middle slice of their first box (xy part)."""
+def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
+    """2D cases as they are, 3D cases as the middle slice of their first box (xy part); at most
+    `max_boxes` boxes each, which is plenty to compare engines and keeps the check fast."""
     from qmedsam.data.cases import CaseError, read_case
     from qmedsam.deploy.export import ParitySample
 
@@ -47,11 +48,11 @@ def parity_samples_from(folder: Path, limit: int = 6):
             print(f"warning: skipping parity case: {exc}", file=sys.stderr)
             continue
         if case.dimension == 2:
-            samples.append(ParitySample(case.name, case.image, case.boxes))
+            samples.append(ParitySample(case.name, case.image, case.boxes[:max_boxes]))
         else:
             z = int((case.boxes[0, 2] + case.boxes[0, 5]) // 2)
             covering = case.boxes[(case.boxes[:, 2] <= z) & (case.boxes[:, 5] >= z)]
-            samples.append(ParitySample(f"{case.name}[z={z}]", case.image[z], covering[:, [0, 1, 3, 4]]))
+            samples.append(ParitySample(f"{case.name}[z={z}]", case.image[z], covering[:max_boxes, [0, 1, 3, 4]]))
     if not samples:
         raise UserFacingError(f"{folder}: no readable case files for the parity check")
     return samples

@@ -15,6 +15,15 @@ from typing import Literal
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(tmp_name: str, path: Path) -> None:
+    """Give the temporary file normal permissions (mkstemp makes it 0600) and rename it into place."""
+    os.chmod(tmp_name, 0o666 & ~_UMASK)
+    os.replace(tmp_name, path)
+
 
 class CaseError(ValueError):
     """A case file that cannot be segmented; the message names file, key and expectation."""
@@ -205,7 +214,7 @@ def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.
     try:
         with os.fdopen(fd, "wb") as handle:
             (np.savez_compressed if compressed else np.savez)(handle, **arrays)
-        os.replace(tmp_name, path)
+        _publish(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -220,7 +229,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-        os.replace(tmp_name, path)
+        _publish(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -163,10 +163,10 @@ def layer_precisions(compiled) -> dict[str, int]:
     counts: dict[str, int] = {}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        layer_type = str(info["layerType"]) if "layerType" in info else op.get_type_name()
+        layer_type = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         if layer_type not in HEAVY_LAYER_TYPES:
             continue
-        precision = str(info["runtimePrecision"]) if "runtimePrecision" in info else "unknown"
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
         key = f"{layer_type}:{precision}"
         counts[key] = counts.get(key, 0) + 1
     return counts

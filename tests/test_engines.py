@@ -1,0 +1,61 @@
+"""OpenVINO IR vs the PyTorch reference on real demo cases, and the engine's precision handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qmedsam.commands.export import parity_samples_from
+from qmedsam.deploy.export import compare_engines
+from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
+from qmedsam.errors import UserFacingError
+
+
+def test_export_writes_a_self_describing_model_dir(fp32_model_dir):
+    meta = json.loads((fp32_model_dir / "meta.json").read_text())
+    assert meta["precision"] == "fp32" and meta["image_size"] == 256
+    assert len(meta["source"]["sha256"]) == 64
+    parity = meta["parity_vs_torch"]["f32"]
+    assert parity["samples_from"] == "cases" and parity["mask_dice_mean"] >= 0.995
+    # fp32 weights really stored as fp32 (compress_to_fp16=False): the .bin is as big as the weights
+    assert (fp32_model_dir / "encoder.bin").stat().st_size > 5_700_000 * 4
+
+
+def test_fp32_ir_matches_torch_on_real_cases(fp32_model_dir, pretrained_model, demo_dir, ov_cache_dir):
+    engine = OpenVINOEngine(fp32_model_dir, precision="f32", cache_dir=ov_cache_dir)
+    counts = engine.runtime_precisions()
+    assert counts["encoder"] and all(key.endswith(":f32") for key in counts["encoder"]), counts
+    samples = parity_samples_from(demo_dir / "cases", limit=2, max_boxes=6)  # 2D microscopy + 2D CT
+    parity = compare_engines(TorchEngine(pretrained_model), engine, samples)
+    assert parity["boxes"] >= 5
+    assert parity["mask_dice_mean"] >= 0.995 and parity["max_abs_logit_diff"] < 0.05
+
+
+def test_bf16_hint_really_runs_bf16_and_stays_close(fp32_model_dir, demo_dir, ov_cache_dir):
+    engine = OpenVINOEngine(fp32_model_dir, precision="bf16", cache_dir=ov_cache_dir)
+    counts = engine.runtime_precisions()["encoder"]
+    if not any(key.endswith(":bf16") for key in counts):
+        pytest.skip(f"this CPU has no bf16 support (runtime precisions: {counts})")
+    reference = OpenVINOEngine(fp32_model_dir, precision="f32", cache_dir=ov_cache_dir)
+    parity = compare_engines(reference, engine, parity_samples_from(demo_dir / "cases"))
+    assert parity["mask_dice_mean"] >= 0.95
+
+
+def test_outputs_do_not_alias_inputs(fp32_model_dir, ov_cache_dir):
+    engine = OpenVINOEngine(fp32_model_dir, precision="f32", cache_dir=ov_cache_dir)
+    image = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    first = engine.encode(image)
+    kept = first.copy()
+    engine.encode(np.zeros_like(image))
+    assert np.array_equal(first, kept)
+    logits = engine.decode(first, np.array([[10, 10, 100, 100], [50, 60, 200, 220]], np.float32))
+    assert logits.shape == (2, 256, 256)
+
+
+def test_bad_model_dir_and_precision(tmp_path, fp32_model_dir):
+    with pytest.raises(UserFacingError, match="missing encoder.xml"):
+        OpenVINOEngine(tmp_path)
+    with pytest.raises(UserFacingError, match="precision hint"):
+        OpenVINOEngine(fp32_model_dir, precision="int4")
