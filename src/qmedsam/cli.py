@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "export": "qmedsam.commands.export",
     "evaluate": "qmedsam.commands.evaluate",
     "data": "qmedsam.commands.data",
+    "bench": "qmedsam.commands.bench",
 }
 
 

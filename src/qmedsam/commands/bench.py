@@ -1,0 +1,137 @@
+"""`qmedsam bench`: engine speed and accuracy side by side, in one run (numbers are not tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qmedsam.errors import UserFacingError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time engines side by side (components, or whole cases with DSC/NSD)",
+        description="Benchmarks measured in one run, reported with precision hint and threads, plus ratios to "
+        "the first configuration. Engine configs: torch, openvino:f32, openvino:bf16.",
+    )
+    sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
+    components = sub.add_parser("components", help="median ms of encoder and decoder (1 and 16 boxes)")
+    components.add_argument(
+        "-m", "--model", type=Path, action="append", default=None,
+        help="model directory (repeatable); default: the pretrained fp32 model",
+    )  # fmt: skip
+    components.add_argument("--precision", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16"])
+    components.add_argument("--torch", action="store_true", help="also time the PyTorch fp32 reference")
+    components.add_argument("--repeats", type=int, default=10)
+    components.add_argument("--threads", type=int, default=None)
+    components.add_argument("--json", type=Path, default=None, help="also write the results here")
+    components.set_defaults(func=run_components)
+
+    cases = sub.add_parser("cases", help="seconds per case and DSC/NSD per engine config on real cases")
+    cases.add_argument("-i", "--input", type=Path, required=True, help="folder of case .npz files")
+    cases.add_argument("--gt", type=Path, default=None, help="ground-truth folder (adds DSC/NSD)")
+    cases.add_argument("-m", "--model", type=Path, default=None, help="OpenVINO model directory (default: pretrained)")
+    cases.add_argument(
+        "--engines", nargs="+", default=["torch", "openvino:f32", "openvino:bf16"],
+        help="engine configs to compare (default: torch openvino:f32 openvino:bf16)",
+    )  # fmt: skip
+    cases.add_argument("--prompt-mode", choices=["fixed", "propagate"], default="fixed")
+    cases.add_argument("--threads", type=int, default=None)
+    cases.add_argument("--json", type=Path, default=None, help="also write the results here")
+    cases.set_defaults(func=run_cases)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _threads_note(threads: int | None) -> str:
+    import os
+
+    return f"threads={threads or os.cpu_count()}"
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        from qmedsam.data.cases import atomic_write_bytes
+
+        atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def run_components(args: argparse.Namespace) -> int:
+    from qmedsam.deploy.bench import EngineConfig, time_components
+
+    models = args.model or [None]
+    configs = [EngineConfig("openvino", p, m) for m in models for p in args.precision]
+    if args.torch:
+        configs.insert(0, EngineConfig("torch"))
+    results = []
+    for config in configs:
+        engine = config.build(args.threads)
+        timing = time_components(engine, args.repeats)
+        meta = getattr(engine, "meta", {"precision": "fp32"})
+        results.append({"config": config.label, "ir_precision": meta.get("precision"), **timing})
+        print(f"measured {config.label}", file=sys.stderr)
+    base = results[0]
+    print(f"\nmedian ms over {args.repeats} runs, {_threads_note(args.threads)}, LATENCY hint, 1 stream")
+    print(f"{'config':42s} {'IR':>6s} {'encoder':>9s} {'dec 1':>8s} {'dec 16':>8s}   ratio enc/dec16 vs first")
+    for row in results:
+        print(
+            f"{row['config']:42s} {row['ir_precision']:>6s} {row['encoder_ms']:9.1f} {row['decoder_1_ms']:8.1f} "
+            f"{row['decoder_16_ms']:8.1f}   {base['encoder_ms'] / row['encoder_ms']:.2f}x / "
+            f"{base['decoder_16_ms'] / row['decoder_16_ms']:.2f}x"
+        )
+    _write_json(args.json, {"threads": args.threads, "repeats": args.repeats, "results": results})
+    return 0
+
+
+def run_cases(args: argparse.Namespace) -> int:
+    from qmedsam.deploy.bench import EngineConfig, time_cases
+    from qmedsam.evaluate.metrics import evaluate_folder, summarise
+
+    case_paths = sorted(args.input.glob("*.npz"))
+    if not case_paths:
+        raise UserFacingError(f"{args.input}: no .npz case files")
+    try:
+        configs = [EngineConfig.parse(text, args.model) for text in args.engines]
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from None
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qmedsam-bench-") as tmp:
+        for config in configs:
+            start = time.perf_counter()
+            engine = config.build(args.threads)
+            load = time.perf_counter() - start
+            out = Path(tmp) / config.label.replace(":", "_").replace("@", "_")
+            seconds = time_cases(engine, case_paths, out, args.prompt_mode)
+            row = {"config": config.label, "load_seconds": load, "seconds": seconds}
+            if args.gt is not None:
+                summary = summarise(evaluate_folder(out, args.gt, images_dir=args.input, workers=1, progress=False))
+                row["dsc"] = {c["case"]: c["dsc"] for c in summary["cases"]}
+                row["nsd"] = {c["case"]: c["nsd"] for c in summary["cases"]}
+                row["mean_dsc"], row["mean_nsd"] = summary["overall"]["dsc"], summary["overall"]["nsd"]
+            rows.append(row)
+            print(f"measured {config.label}", file=sys.stderr)
+    names = [p.name for p in case_paths]
+    print(f"\nseconds per case (engine loaded once; prompt mode {args.prompt_mode}; {_threads_note(args.threads)})")
+    header = f"{'case':34s}" + "".join(f"{r['config']:>22s}" for r in rows)
+    print(header)
+    for name in names:
+        cells = []
+        for r in rows:
+            cell = f"{r['seconds'][name]:.2f}s"
+            if "dsc" in r and r["dsc"].get(name) is not None:
+                cell += f" D{r['dsc'][name]:.3f}"
+            cells.append(f"{cell:>22s}")
+        print(f"{name:34s}" + "".join(cells))
+    totals = [sum(r["seconds"].values()) for r in rows]
+    print(f"{'total seconds':34s}" + "".join(f"{t:>22.2f}" for t in totals))
+    print(f"{'speed-up vs first':34s}" + "".join(f"{totals[0] / t:>21.2f}x" for t in totals))
+    print(f"{'engine load seconds':34s}" + "".join(f"{r['load_seconds']:>22.2f}" for r in rows))
+    if args.gt is not None:
+        print(f"{'mean DSC':34s}" + "".join(f"{r['mean_dsc']:>22.4f}" for r in rows))
+        print(f"{'mean NSD (challenge rule)':34s}" + "".join(f"{r['mean_nsd']:>22.4f}" for r in rows))
+    _write_json(args.json, {"prompt_mode": args.prompt_mode, "threads": args.threads, "results": rows})
+    return 0

@@ -1,0 +1,86 @@
+"""Side-by-side speed (and accuracy) comparisons of engines, measured in one run.
+
+Benchmarks are not tests: they report numbers and ratios, always with the precision hint, threads and
+box counts that produced them, so two numbers are only compared when measured together.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qmedsam.deploy.runtime import Engine
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """`torch`, `openvino:f32` or `openvino:bf16`, optionally on a given model directory."""
+
+    kind: str
+    precision: str = "f32"
+    model_dir: Path | None = None
+
+    @property
+    def label(self) -> str:
+        base = "torch" if self.kind == "torch" else f"openvino:{self.precision}"
+        return base if self.model_dir is None else f"{base}@{self.model_dir.name}"
+
+    @classmethod
+    def parse(cls, text: str, model_dir: Path | None = None) -> EngineConfig:
+        kind, _, precision = text.partition(":")
+        if kind not in ("torch", "openvino") or (kind == "openvino" and precision not in ("", "f32", "bf16")):
+            raise ValueError(f"engine config {text!r}: expected torch, openvino:f32 or openvino:bf16")
+        return cls(kind, precision or "f32", None if kind == "torch" else model_dir)
+
+    def build(self, num_threads: int | None = None) -> Engine:
+        from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
+
+        if self.kind == "torch":
+            return TorchEngine.pretrained(num_threads)
+        from qmedsam.deploy.export import ensure_default_model
+
+        return OpenVINOEngine(self.model_dir or ensure_default_model(), self.precision, num_threads)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ...] = (1, 16)) -> dict[str, float]:
+    """Median ms of one encode and of one decode call with each box count, on a fixed random input."""
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 3, 256, 256), dtype=np.float32)
+    embedding = engine.encode(image)
+    result = {"encoder_ms": median_ms(lambda: engine.encode(image), repeats)}
+    for count in box_counts:
+        x0 = rng.integers(0, 150, count)
+        y0 = rng.integers(0, 150, count)
+        boxes = np.stack([x0, y0, x0 + 60, y0 + 80], axis=1).astype(np.float32)
+        result[f"decoder_{count}_ms"] = median_ms(lambda b=boxes: engine.decode(embedding, b), repeats)
+    return result
+
+
+def time_cases(engine: Engine, case_paths: list[Path], out_dir: Path, prompt_mode: str = "fixed") -> dict[str, float]:
+    """Seconds per case (read + segment + write; engine already loaded), predictions written to `out_dir`."""
+    from qmedsam.data.cases import read_case, write_segmentation
+    from qmedsam.deploy.segment import segment_case
+
+    seconds = {}
+    for path in case_paths:
+        start = time.perf_counter()
+        case = read_case(path)
+        write_segmentation(out_dir, path.name, segment_case(engine, case, prompt_mode))
+        seconds[path.name] = time.perf_counter() - start
+    return seconds
