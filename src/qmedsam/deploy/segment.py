@@ -20,12 +20,24 @@ from qmedsam.deploy.runtime import Engine
 DEFAULT_BATCH = 16
 
 
-def decode_in_batches(
-    engine: Engine, embedding: np.ndarray, boxes: np.ndarray, batch: int = DEFAULT_BATCH
-) -> np.ndarray:
-    """Decode (B, 4) model-space boxes in chunks of `batch` (bounds memory for many-object cases)."""
-    parts = [engine.decode(embedding, boxes[start : start + batch]) for start in range(0, len(boxes), batch)]
-    return np.concatenate(parts, axis=0)
+def paint_boxes(
+    engine: Engine,
+    embedding: np.ndarray,
+    model_boxes: np.ndarray,
+    labels: np.ndarray,
+    geometry: Geometry,
+    target: np.ndarray,
+    batch: int = DEFAULT_BATCH,
+) -> None:
+    """Decode (B, 4) model-space boxes in chunks of `batch` and paint label `labels[i]` where box i's mask is.
+
+    Chunks are painted in ascending box order, so later objects overwrite earlier ones; only one chunk of
+    full-resolution masks is alive at a time (a 2D case with hundreds of objects stays small in memory).
+    """
+    for start in range(0, len(model_boxes), batch):
+        logits = engine.decode(embedding, model_boxes[start : start + batch])
+        for label, mask in zip(labels[start : start + batch], postprocess_logits(logits, geometry), strict=True):
+            target[mask] = label
 
 
 class SliceEncoder:
@@ -75,11 +87,8 @@ class FixedBoxPrompts:
             if len(active) == 0:
                 continue
             embedding = encoder(z)
-            geometry = encoder.geometry
-            model_boxes = scale_boxes(boxes[active][:, [0, 1, 3, 4]], geometry)
-            masks = postprocess_logits(decode_in_batches(engine, embedding, model_boxes, batch), geometry)
-            for index, mask in zip(active, masks, strict=True):  # ascending: later objects overwrite
-                segs[z][mask] = index + 1
+            model_boxes = scale_boxes(boxes[active][:, [0, 1, 3, 4]], encoder.geometry)
+            paint_boxes(engine, embedding, model_boxes, active + 1, encoder.geometry, segs[z], batch)
 
 
 class PropagatedPrompts:
@@ -129,10 +138,9 @@ def segment_2d(engine: Engine, case: Case, batch: int = DEFAULT_BATCH) -> np.nda
     """All boxes of a 2D case against one embedding; label i+1 for box i, later boxes on top."""
     tensor, geometry = preprocess_image(case.image)
     embedding = engine.encode(tensor)
-    masks = postprocess_logits(decode_in_batches(engine, embedding, scale_boxes(case.boxes, geometry), batch), geometry)
     segs = np.zeros(case.spatial_shape, dtype=segmentation_dtype(len(case.boxes)))
-    for index, mask in enumerate(masks):
-        segs[mask] = index + 1
+    labels = np.arange(1, len(case.boxes) + 1)
+    paint_boxes(engine, embedding, scale_boxes(case.boxes, geometry), labels, geometry, segs, batch)
     return segs
 
 
