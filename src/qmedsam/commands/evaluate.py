@@ -16,6 +16,7 @@ TOLERANCE_MM = 2.0  # = qmedsam.evaluate.metrics.TOLERANCE_MM; not imported here
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
+
 DESCRIPTION = """\
 Score predictions (`segs`) against ground truth (`gts`) with the CVPR 2024 MedSAM-on-Laptop rules.
 
@@ -54,33 +55,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pred", required=True, type=Path, help="folder of prediction .npz files (key segs)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth .npz files (key gts)")
     parser.add_argument(
-        "--images", type=Path, default=None,
+        "--images",
+        type=Path,
+        default=None,
         help="folder of the case files (imgs, spacing): figures, and spacing when the gt file has none",
     )
     parser.add_argument(
-        "--timing", type=Path, default=None,
+        "--timing",
+        type=Path,
+        default=None,
         help="timing.csv from `qmedsam predict` (columns case,seconds,status); default: <pred>/timing.csv if it "
         "exists. Median seconds per case use rows with status ok",
     )
     parser.add_argument("--report", type=Path, default=None, help="folder for report.html, figures and the tables")
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="folder for metrics.csv, cases.csv and summary.json (default: --report, else --pred)",
     )
     parser.add_argument(
-        "--nsd-rule", choices=["challenge", "per-label"], default="challenge",
+        "--nsd-rule",
+        choices=["challenge", "per-label"],
+        default="challenge",
         help="challenge (default, as scored) or per-label (stricter; see above)",
     )
     parser.add_argument(
         "--tolerance", type=float, default=TOLERANCE_MM, help=f"NSD tolerance in mm (default {TOLERANCE_MM:g})"
     )
     parser.add_argument(
-        "--spacing-order", choices=["as-stored", "zyx", "xyz"], default="as-stored",
+        "--spacing-order",
+        choices=["as-stored", "zyx", "xyz"],
+        default="as-stored",
         help="as-stored (default, as scored; warns on suspicious anisotropy), zyx (stored in array order, no "
         "warning) or xyz (reverse before use)",
     )
     parser.add_argument(
-        "--workers", type=int, default=_default_workers(),
+        "--workers",
+        type=int,
+        default=_default_workers(),
         help=f"processes evaluating cases in parallel (default min(4, CPUs) = {_default_workers()})",
     )
     parser.add_argument("--worst", type=int, default=6, help="cases drawn in the report (lowest DSC; default 6)")
@@ -143,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
             write_summary_json(summary, out_dir / "summary.json"),
         ]
         if args.report is not None:
-            written.append(write_html_report(evaluation, summary, args.report, worst=args.worst,
-                                             tables_dir=out_dir))
+            written.append(write_html_report(evaluation, summary, args.report, worst=args.worst, tables_dir=out_dir))
     except OSError as exc:
         raise UserFacingError(f"cannot write the results to {out_dir}: {exc}") from None
 

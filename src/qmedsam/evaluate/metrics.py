@@ -316,9 +316,7 @@ def resolve_spacing(task: CaseTask, shape: tuple[int, ...]) -> tuple[tuple[float
         raise CaseError(f"{task.gt_path}: no key 'spacing' for a 3D case (3 numbers, mm){also}")
     values = np.asarray(raw, dtype=np.float64).ravel() if raw.dtype.kind in "uif" else None
     if values is None or values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise CaseError(
-            f"{source_path}: key 'spacing' is {raw.tolist()!r}; expected 3 positive finite numbers (mm)"
-        )
+        raise CaseError(f"{source_path}: key 'spacing' is {raw.tolist()!r}; expected 3 positive finite numbers (mm)")
     if task.spacing_order == "xyz":
         values = values[::-1]
     spacing = (float(values[0]), float(values[1]), float(values[2]))
@@ -342,12 +340,15 @@ def evaluate_task(task: CaseTask) -> CaseResult:
         dimension = dimension_of(task.name, gt.ndim)
         result.dimension = dimension
         if dimension not in (2, 3):
-            raise CaseError(f"{task.gt_path}: key '{task.gt_key}' has shape {gt.shape}; expected (H, W) for a 2D "
-                            "case or (D, H, W) for a 3D case")
+            raise CaseError(
+                f"{task.gt_path}: key '{task.gt_key}' has shape {gt.shape}; expected (H, W) for a 2D "
+                "case or (D, H, W) for a 3D case"
+            )
         if gt.ndim != dimension:
             expected = "(H, W)" if dimension == 2 else "(D, H, W)"
-            raise CaseError(f"{task.gt_path}: key '{task.gt_key}' has shape {gt.shape}; expected {expected} for a "
-                            f"{dimension}D case")
+            raise CaseError(
+                f"{task.gt_path}: key '{task.gt_key}' has shape {gt.shape}; expected {expected} for a {dimension}D case"
+            )
         if pred.shape != gt.shape:
             raise CaseError(
                 f"{task.pred_path}: key '{task.pred_key}' has shape {pred.shape}; expected the ground truth's "
@@ -538,8 +539,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _group_summary(cases: Sequence[CaseResult], all_cases: Sequence[CaseResult]) -> dict:
-    times = [c.seconds for c in all_cases if c.seconds is not None and c.status is not None
-             and c.status.lower() in OK_STATUSES]
+    times = [
+        c.seconds
+        for c in all_cases
+        if c.seconds is not None and c.status is not None and c.status.lower() in OK_STATUSES
+    ]
     failed_predictions = [c.case for c in all_cases if c.status is not None and c.status.lower() not in OK_STATUSES]
     return {
         "cases": len(cases),

@@ -22,8 +22,19 @@ from qmedsam.evaluate.metrics import CaseResult, Evaluation
 
 LABEL_FIELDS = ["case", "modality", "label", "dsc", "nsd", "pred_voxels", "gt_voxels"]
 CASE_FIELDS = [
-    "case", "modality", "dimension", "labels", "objects", "dsc", "nsd", "nsd_computed",
-    "spacing", "spacing_source", "seconds", "status", "error",
+    "case",
+    "modality",
+    "dimension",
+    "labels",
+    "objects",
+    "dsc",
+    "nsd",
+    "nsd_computed",
+    "spacing",
+    "spacing_source",
+    "seconds",
+    "status",
+    "error",
 ]
 
 
@@ -117,24 +128,31 @@ def format_table(summary: dict) -> str:
         for name, g in summary["modalities"].items()
     ]
     g = summary["overall"]
-    rows.append(("overall", str(g["cases"]), str(g["objects"]), _fmt(g["dsc"]), _fmt(g["nsd"]),
-                 _fmt(g["median_seconds"], 2)))
+    rows.append(
+        ("overall", str(g["cases"]), str(g["objects"]), _fmt(g["dsc"]), _fmt(g["nsd"]), _fmt(g["median_seconds"], 2))
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for index, row in enumerate([header, *rows]):
         if index == len(rows):  # rule before the overall row
             lines.append("  ".join("-" * w for w in widths))
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                                        strict=True))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
     settings = summary["settings"]
-    where = (f"per label where the label's DSC > {settings['nsd_min_dsc']:g}, 2D as contours"
-             if settings["nsd_rule"] == "per-label"
-             else f"only where the case DSC > {settings['nsd_min_dsc']:g}, 2D as (H, W, 1) volumes")
-    notes = [f"NSD rule: {settings['nsd_rule']} (tolerance {settings['tolerance_mm']:g} mm, NSD {where}); "
-             "means over cases"]
+    where = (
+        f"per label where the label's DSC > {settings['nsd_min_dsc']:g}, 2D as contours"
+        if settings["nsd_rule"] == "per-label"
+        else f"only where the case DSC > {settings['nsd_min_dsc']:g}, 2D as (H, W, 1) volumes"
+    )
+    notes = [
+        f"NSD rule: {settings['nsd_rule']} (tolerance {settings['tolerance_mm']:g} mm, NSD {where}); means over cases"
+    ]
     if g["failed_predictions"]:
-        notes.append(f"{g['failed_predictions']} case(s) whose prediction failed (timing status) are left out of "
-                     "the median runtime")
+        notes.append(
+            f"{g['failed_predictions']} case(s) whose prediction failed (timing status) are left out of "
+            "the median runtime"
+        )
     if g["nan_dsc_cases"]:
         notes.append(f"{g['nan_dsc_cases']} case(s) with NaN DSC (unlabelled gaps) left out of the DSC mean")
     if g["errors"]:
@@ -194,7 +212,7 @@ def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     if image.dtype.kind == "f" or image.dtype != np.uint8:
         image = image.astype(np.float64)
         finite = np.isfinite(image)
-        lo, hi = (np.percentile(image[finite], [0.5, 99.5]) if finite.any() else (0.0, 1.0))
+        lo, hi = np.percentile(image[finite], [0.5, 99.5]) if finite.any() else (0.0, 1.0)
         image = np.clip((np.nan_to_num(image) - lo) / max(hi - lo, 1e-8), 0, 1)
     return image, ("gray" if image.ndim == 2 else None)
 
@@ -261,8 +279,9 @@ def case_figure(
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     detail = f"worst label {label}: DSC {_fmt(worst.dsc, 3)}, NSD {_fmt(worst.nsd, 3)}" if worst else "no labels"
-    fig.suptitle(f"{case.case}{where} — case DSC {_fmt(case.dsc, 3)}, NSD {_fmt(case.nsd, 3)}; {detail} (red)",
-                 fontsize=9)
+    fig.suptitle(
+        f"{case.case}{where} — case DSC {_fmt(case.dsc, 3)}, NSD {_fmt(case.nsd, 3)}; {detail} (red)", fontsize=9
+    )
     payload = _png_bytes(fig)
     plt.close(fig)
     return atomic_write_bytes(Path(path), payload)
@@ -317,8 +336,10 @@ def write_html_report(
             gt, pred, image = _load_case_arrays(case, evaluation)
             case_figure(case, gt, pred, image, figures / name)
         except Exception as exc:  # a figure must not cost the report
-            blocks.append(f"<p>{html.escape(case.case)}: no figure ({html.escape(type(exc).__name__)}: "
-                          f"{html.escape(str(exc))})</p>")
+            blocks.append(
+                f"<p>{html.escape(case.case)}: no figure ({html.escape(type(exc).__name__)}: "
+                f"{html.escape(str(exc))})</p>"
+            )
             continue
         blocks.append(
             f'<figure><img src="figures/{html.escape(name)}" alt="{html.escape(case.case)}">'
@@ -333,18 +354,18 @@ def write_html_report(
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} pre{{background:#f4f4f4;padding:1em}}
 figure{{margin:1em 0}} img{{max-width:100%}} figcaption{{font-size:90%;color:#444}}</style></head>
 <body><h1>qmedsam evaluate</h1>
-<p>Predictions <code>{html.escape(settings['pred_dir'])}</code> vs ground truth
-<code>{html.escape(settings['gt_dir'])}</code>. NSD rule <b>{html.escape(settings['nsd_rule'])}</b>, tolerance
-{settings['tolerance_mm']:g} mm, spacing order {html.escape(settings['spacing_order'])}. Per-label numbers:
-<a href="{link('metrics.csv')}">metrics.csv</a>; per case: <a href="{link('cases.csv')}">cases.csv</a>;
-everything: <a href="{link('summary.json')}">summary.json</a>.</p>
+<p>Predictions <code>{html.escape(settings["pred_dir"])}</code> vs ground truth
+<code>{html.escape(settings["gt_dir"])}</code>. NSD rule <b>{html.escape(settings["nsd_rule"])}</b>, tolerance
+{settings["tolerance_mm"]:g} mm, spacing order {html.escape(settings["spacing_order"])}. Per-label numbers:
+<a href="{link("metrics.csv")}">metrics.csv</a>; per case: <a href="{link("cases.csv")}">cases.csv</a>;
+everything: <a href="{link("summary.json")}">summary.json</a>.</p>
 <pre>{table}</pre>
 <img src="figures/{html.escape(chart.name)}" alt="DSC and NSD per modality">
 <h2>Lowest-DSC cases</h2>
 <p>Worst label outlined in red; 3D cases show the slice where that label's ground truth is largest.</p>
-{''.join(blocks) or '<p>none</p>'}
-<h2>Problems</h2><ul>{problems or '<li>none</li>'}</ul>
-<h2>Warnings</h2><ul>{warnings or '<li>none</li>'}</ul>
+{"".join(blocks) or "<p>none</p>"}
+<h2>Problems</h2><ul>{problems or "<li>none</li>"}</ul>
+<h2>Warnings</h2><ul>{warnings or "<li>none</li>"}</ul>
 </body></html>
 """
     return atomic_write_bytes(report_dir / "report.html", page.encode())

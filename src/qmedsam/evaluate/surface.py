@@ -295,8 +295,6 @@ def surface_dice_from(distances: SurfaceDistances, tolerance: float) -> float:
     return overlap / total
 
 
-def surface_dice(
-    mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0
-) -> float:
+def surface_dice(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0) -> float:
     """Normalised surface Dice of two binary masks: 0 if exactly one is empty, NaN if both are."""
     return surface_dice_from(surface_distances(mask_gt, mask_pred, spacing), tolerance)
