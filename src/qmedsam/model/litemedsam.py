@@ -68,10 +68,11 @@ def build_litemedsam(quant: QuantSpec | None = None) -> LiteMedSAM:
     """An untrained model; float unless `quant` asks for quantized parts."""
     if quant is None:
         return LiteMedSAM()
-    from qmedsam.model.quant import layer_factories
+    from qmedsam.model.quant import layer_factories, prepare_quantized
 
     encoder_layers, decoder_layers = layer_factories(quant)
-    return LiteMedSAM(encoder_layers, decoder_layers)
+    # Folds BatchNorm into the quantized convs (the folded weight is what gets quantized).
+    return prepare_quantized(LiteMedSAM(encoder_layers, decoder_layers), quant)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

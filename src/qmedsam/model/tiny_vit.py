@@ -75,6 +75,19 @@ class Conv2dBN(nn.Sequential):
         return fused
 
 
+def fuse_conv_bn(module: nn.Module, layers: LayerFactory = FLOAT_LAYERS) -> nn.Module:
+    """Replace every `Conv2dBN` below `module` by its BatchNorm-folded conv from `layers`, in place.
+
+    Quantized encoders are built this way, so the tensor that gets quantized is the folded weight.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, Conv2dBN):
+            setattr(module, name, child.fused(layers))
+        else:
+            fuse_conv_bn(child, layers)
+    return module
+
+
 class PatchEmbed(nn.Module):
     """Two 1×1 conv-BN layers: TinyViT-in-LiteMedSAM keeps the full 256² resolution here."""
 
