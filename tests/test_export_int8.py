@@ -17,6 +17,7 @@ import torch
 from qmedsam.commands.export import parity_samples_from
 from qmedsam.deploy.export import compare_engines
 from qmedsam.deploy.export_int8 import INT8_PRECISIONS, int8_coverage, real_slices, verify_ir
+from qmedsam.deploy.int8_parity import ParityThresholds, unit_parity
 from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine, layer_precisions
 from qmedsam.model.calibrate import calibrate, model_inputs
 from qmedsam.model.quant import QuantSpec, load_litemedsam
@@ -25,8 +26,8 @@ SPEC_PATH = Path(__file__).parent.parent / "configs" / "quant" / "w8a8_per_chann
 CALIBRATION_SLICES = 4
 # The fake-quant model vs the float one, on the demo parity slices after calibration alone.
 MIN_AGREEMENT_WITH_FLOAT = 0.95  # measured 0.960 (4 slices + bias correction)
-# OpenVINO int8 vs PyTorch fake-quant: see export_int8.export_int8 for why this is not 0.99.
-MIN_PARITY_WITH_FAKE_QUANT = 0.90  # measured 0.94-0.97
+# OpenVINO int8 vs PyTorch fake-quant, whole pipeline: see qmedsam.deploy.int8_parity for why this is not 0.99.
+MIN_PARITY_WITH_FAKE_QUANT = 0.90  # measured 0.965 (the reference vs its own float64 twin: 0.956)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +115,41 @@ def test_conv_and_fully_connected_layers_run_in_int8(int8_dir):
     assert meta["int8_coverage"]["encoder"]["layers"].get("Subgraph(attention):i8") == 10
 
 
-def test_int8_ir_matches_the_fake_quant_model(int8_dir, calibrated, parity_slices):
+def test_int8_ir_matches_the_fake_quant_model(int8_dir, parity_slices):
+    """Parity where it is meaningful (see qmedsam.deploy.int8_parity): every encoder block of the saved IR on
+    PyTorch's input to it, the decoder on PyTorch's embedding (the issue's 0.99), and end to end against the
+    reference's own float64/float32 agreement."""
     meta = json.loads((int8_dir / "meta.json").read_text())
     parity = meta["parity_vs_torch"]["f32"]
     assert parity["reference"] == "torch-brevitas-fakequant" and parity["samples_from"] == "cases"
-    assert parity["boxes"] == sum(len(s.boxes) for s in parity_slices)
-    assert parity["mask_dice_mean"] >= MIN_PARITY_WITH_FAKE_QUANT, parity
+    assert parity["samples"] == len(parity_slices)
+    units = meta["quantization"]["encoder_units"]
+    assert len(units) == 17 and set(parity["units"]) == {unit["module"] for unit in units}
+    assert units[0] == {"module": "patch_embed", "input": "image", "output": units[1]["input"]}
+    assert units[-1]["module"] == "neck" and units[-1]["output"] == "image_embedding"
+    assert max(u["one_minus_cos"] for u in parity["units"].values()) <= ParityThresholds().max_unit_error  # ~1e-5
+    decoder = parity["decoder_teacher_forced"]
+    assert decoder["boxes"] == sum(len(s.boxes) for s in parity_slices)
+    assert decoder["mask_dice_mean"] >= 0.99, decoder  # measured 0.997-0.998
+    end_to_end, floor = parity["end_to_end"], parity["reference_floor"]["mask_dice_mean"]
+    assert 0.9 <= floor < 1.0  # measured 0.956: the reference is this far from itself in float64
+    assert end_to_end["mask_dice_mean"] >= max(MIN_PARITY_WITH_FAKE_QUANT, floor - 0.03), parity
+
+
+def test_block_check_catches_a_single_missing_quantizer(int8_dir, calibrated, parity_slices):
+    """The block check is sharp enough to see one quantizer the IR has and the reference lacks."""
+    import copy
+
+    from torch import nn
+
+    meta = json.loads((int8_dir / "meta.json").read_text())
+    units = meta["quantization"]["encoder_units"]
+    faulty = copy.deepcopy(calibrated[0])
+    faulty.image_encoder.get_submodule("layers.3.blocks.1.attn").softmax_quant = nn.Identity()
+    result = unit_parity(int8_dir / "encoder.xml", faulty, units, parity_slices[:2])
+    worst = max(result, key=lambda name: result[name]["one_minus_cos"])
+    assert worst == "layers.3.blocks.1"
+    assert result[worst]["one_minus_cos"] > 3 * ParityThresholds().max_unit_error, result[worst]  # 2.1e-4
 
 
 def test_int8_model_dir_keeps_the_engine_contract(int8_dir, spec, quantized_checkpoint):

@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cases = sub.add_parser("cases", help="seconds per case and DSC/NSD per engine config on real cases")
     cases.add_argument("-i", "--input", type=Path, required=True, help="folder of case .npz files")
     cases.add_argument("--gt", type=Path, default=None, help="ground-truth folder (adds DSC/NSD)")
-    cases.add_argument("-m", "--model", type=Path, default=None, help="OpenVINO model directory (default: pretrained)")
+    cases.add_argument(
+        "-m", "--model", type=Path, action="append", default=None,
+        help="OpenVINO model directory (repeatable: every engine config runs on each; default: pretrained fp32)",
+    )  # fmt: skip
     cases.add_argument(
         "--engines", nargs="+", default=["torch", "openvino:f32", "openvino:bf16"],
         help="engine configs to compare (default: torch openvino:f32 openvino:bf16)",
@@ -95,9 +98,10 @@ def run_cases(args: argparse.Namespace) -> int:
     if not case_paths:
         raise UserFacingError(f"{args.input}: no .npz case files")
     try:
-        configs = [EngineConfig.parse(text, args.model) for text in args.engines]
+        parsed = [EngineConfig.parse(text, model) for model in args.model or [None] for text in args.engines]
     except ValueError as exc:
         raise UserFacingError(str(exc)) from None
+    configs = list(dict.fromkeys(parsed))  # torch ignores --model: run it once
     rows = []
     with tempfile.TemporaryDirectory(prefix="qmedsam-bench-") as tmp:
         for config in configs:

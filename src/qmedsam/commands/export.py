@@ -8,6 +8,7 @@ comparison point for QAT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -68,8 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--min-mask-dice",
         type=float,
         default=None,
-        help="fail below this parity (mean per-box Dice; default fp32 0.995, --quant 0.9 vs fake-quant PyTorch, "
-        "--ptq 0.8 vs float PyTorch)",
+        help="fail below this end-to-end mask agreement with PyTorch (mean per-box Dice; default fp32 0.995; "
+        "--ptq 0.8 vs float PyTorch; --quant 0.85 vs fake-quant PyTorch, on top of the block-by-block, decoder "
+        "and reference-floor checks that --quant always runs)",
+    )
+    parser.add_argument(
+        "--max-block-error",
+        type=float,
+        default=None,
+        metavar="E",
+        help="--quant: fail if an encoder block of the IR, given PyTorch's input to that block, differs from the "
+        "PyTorch block by more than 1 - cos = E (median over the parity slices; default 3e-5, correct exports "
+        "measured ~1e-5, one missing quantizer >= 7.8e-5)",
     )
     parser.add_argument(
         "--save-quantized",
@@ -148,6 +159,7 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     import torch
 
     from qmedsam.deploy.export_int8 import export_int8, real_slices
+    from qmedsam.deploy.int8_parity import ParityThresholds
     from qmedsam.model.calibrate import calibrate, model_inputs
     from qmedsam.model.quant import QuantSpec, load_litemedsam, uncalibrated_quantizers
 
@@ -170,9 +182,13 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     if args.calib is None and args.parity_cases is None:
         raise UserFacingError("int8 export needs real slices for its parity check: give --parity-cases or --calib")
     samples, samples_from = _int8_parity_samples(args)
-    dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
+    thresholds = ParityThresholds()
+    if args.min_mask_dice is not None:
+        thresholds = dataclasses.replace(thresholds, min_end_to_end_dice=args.min_mask_dice)
+    if args.max_block_error is not None:
+        thresholds = dataclasses.replace(thresholds, max_unit_error=args.max_block_error)
     source = {**_source(args.checkpoint), "quant_spec": str(args.quant.resolve())}
-    return export_int8(model, spec, args.out, source, samples, samples_from, calibration, **dice)
+    return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds)
 
 
 def run_ptq(args: argparse.Namespace) -> dict:

@@ -7,7 +7,8 @@ graph runs in fp32, while `read_model` of the same .onnx runs Conv/FullyConnecte
 The export never assumes: it compiles the IR, reads the runtime precision of every
 Convolution/FullyConnected/MatMul from `get_runtime_model()` and fails if fewer than the spec's
 `min_int8_fraction` run in i8/u8, then measures mask agreement with the PyTorch fake-quant model on
-real slices. Both go into meta.json, next to the quant spec and the calibration summary.
+real slices (block by block, decoder, end to end: see `qmedsam.deploy.int8_parity`). Both go into
+meta.json, next to the quant spec and the calibration summary.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from qmedsam.deploy.export import (
     staged_directory,
     write_meta,
 )
+from qmedsam.deploy.int8_parity import ParityThresholds, encoder_units, int8_parity
 from qmedsam.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -187,19 +189,8 @@ def int8_coverage(model_dir: Path) -> dict[str, dict]:
     return coverage
 
 
-def verify_ir(
-    model_dir: Path,
-    meta: dict,
-    reference,
-    samples: Sequence[ParitySample],
-    samples_from: str,
-    min_int8: dict[str, float],
-    min_mask_dice: float,
-) -> dict:
-    """Record int8 coverage, then parity against `reference` (an Engine), in meta.json; raise as soon as
-    either falls short (coverage first: it is cheap, and a model that runs in fp32 needs no parity)."""
-    from qmedsam.deploy.runtime import OpenVINOEngine
-
+def check_coverage(model_dir: Path, meta: dict, min_int8: dict[str, float]) -> dict:
+    """Record int8 coverage in meta.json; raise if a part runs fewer heavy layers in int8 than asked."""
     coverage = int8_coverage(model_dir)
     meta["int8_coverage"] = coverage
     write_meta(model_dir, meta)
@@ -213,6 +204,23 @@ def verify_ir(
             f"int8 coverage below the required minimum {min_int8}: {short}; runtime layers: "
             f"{ {part: coverage[part]['layers'] for part in short} }"
         )
+    return coverage
+
+
+def verify_ir(
+    model_dir: Path,
+    meta: dict,
+    reference,
+    samples: Sequence[ParitySample],
+    samples_from: str,
+    min_int8: dict[str, float],
+    min_mask_dice: float,
+) -> dict:
+    """Coverage first (cheap: a model that runs in fp32 needs no parity), then end-to-end mask agreement
+    with `reference` (an Engine), both in meta.json; raise as soon as either falls short."""
+    from qmedsam.deploy.runtime import OpenVINOEngine
+
+    check_coverage(model_dir, meta, min_int8)
     with tempfile.TemporaryDirectory() as cache:
         parity = compare_engines(reference, OpenVINOEngine(model_dir, precision="f32", cache_dir=cache), list(samples))
     parity["samples_from"] = samples_from
@@ -229,8 +237,12 @@ def verify_ir(
 # --- Brevitas -> QCDQ ONNX -> IR -------------------------------------------------------------------------
 
 
-def _convert_qcdq(model, out_dir: Path) -> None:
-    """Brevitas QCDQ ONNX of encoder and decoder, read by OpenVINO's ONNX frontend, saved as IR."""
+def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
+    """Brevitas QCDQ ONNX of encoder and decoder, read by OpenVINO's ONNX frontend, saved as IR.
+
+    Returns the encoder's blocks (module, input and output tensor names) for the block-by-block parity
+    check, found in the ONNX graph before it is deleted (OpenVINO keeps the tensor names, not the scopes).
+    """
     import openvino as ov
     import torch
 
@@ -257,6 +269,7 @@ def _convert_qcdq(model, out_dir: Path) -> None:
         dynamic_axes={"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}},
         opset_version=ONNX_OPSET,
     )
+    units = encoder_units(onnx_dir / "encoder.onnx")
     core = ov.Core()
     for part, inputs, output in (
         ("encoder", ["image"], "image_embedding"),
@@ -269,6 +282,7 @@ def _convert_qcdq(model, out_dir: Path) -> None:
     for path in onnx_dir.iterdir():
         path.unlink()
     onnx_dir.rmdir()
+    return units
 
 
 def export_int8(
@@ -279,25 +293,19 @@ def export_int8(
     parity_samples: Sequence[ParitySample],
     samples_from: str = "cases",
     calibration: dict | None = None,
-    min_mask_dice: float = 0.9,
+    thresholds: ParityThresholds | None = None,
 ) -> dict:
     """Export a calibrated (or QAT-trained) Brevitas LiteMedSAM built from `spec` to an int8 IR directory.
 
     Fails, leaving `out_dir` untouched, if some activation quantizer is uncalibrated, if a quantized
-    part runs less than `spec.min_int8_fraction` of its heavy layers in int8, or if masks from the IR
-    and from the PyTorch fake-quant model agree less than `min_mask_dice` (mean per-box Dice).
-
-    Why not 0.995 as for fp32: OpenVINO computes each quantizer's x/scale with a different float
-    rounding than PyTorch, so a few values per layer land on the other side of a rounding boundary
-    (each part alone matches to 1 - cos < 1e-5). Every later quantizer turns such a sub-LSB
-    difference into whole-LSB flips, so the two runs drift apart to a fraction of the model's own
-    quantization noise: measured 0.94-0.97 mean per-box Dice on the small demo slices for a
-    calibrated, untrained model (the seed's per-tensor spec: 0.95). A broken export (lost
-    quantizer, wrong scale) lands far lower.
+    part runs less than `spec.min_int8_fraction` of its heavy layers in int8, or if the IR is not
+    faithful to the PyTorch fake-quant model by the three checks of `qmedsam.deploy.int8_parity`
+    (every encoder block on PyTorch's input, the decoder on PyTorch's embedding, the whole pipeline
+    against the reference's own float64/float32 agreement).
     """
-    from qmedsam.deploy.runtime import TorchEngine
     from qmedsam.model.quant import uncalibrated_quantizers
 
+    thresholds = thresholds or ParityThresholds()
     missing = uncalibrated_quantizers(model)
     if missing:
         raise UserFacingError(
@@ -311,19 +319,35 @@ def export_int8(
         if on
     }
     with staged_directory(out_dir) as staging:
-        _convert_qcdq(model, staging)
+        units = _convert_qcdq(model, staging)
         meta = base_meta("int8", source)
-        meta["quantization"] = {"tool": "brevitas", "format": "qcdq-onnx", "spec": spec.to_dict()}
+        meta["quantization"] = {
+            "tool": "brevitas",
+            "format": "qcdq-onnx",
+            "spec": spec.to_dict(),
+            "encoder_units": units,
+        }
         if calibration is not None:
             meta["quantization"]["calibration"] = calibration
         write_meta(staging, meta)
-        reference = TorchEngine(model, name="torch-brevitas-fakequant")
-        verify_ir(staging, meta, reference, parity_samples, samples_from, min_int8, min_mask_dice)
+        check_coverage(staging, meta, min_int8)
+        with tempfile.TemporaryDirectory() as cache:
+            parity, failures = int8_parity(staging, model, units, parity_samples, thresholds, cache_dir=cache)
+        parity["samples_from"] = samples_from
+        parity["samples"] = len(parity_samples)
+        meta["parity_vs_torch"] = {"f32": parity}
+        write_meta(staging, meta)
+        if failures:
+            raise RuntimeError("int8 IR is not faithful to the PyTorch fake-quant model: " + "; ".join(failures))
     log.info(
-        "exported Brevitas int8 IR to %s (int8 layers: encoder %.2f, decoder %.2f; parity mask Dice %.4f)",
+        "exported Brevitas int8 IR to %s (int8 layers: encoder %.2f, decoder %.2f; worst block 1-cos %.1e, "
+        "decoder mask Dice %.4f, end to end %.4f vs reference floor %.4f)",
         out_dir,
         meta["int8_coverage"]["encoder"]["int8_fraction"],
         meta["int8_coverage"]["decoder"]["int8_fraction"],
-        meta["parity_vs_torch"]["f32"]["mask_dice_mean"],
+        parity["units"][parity["worst_unit"]]["one_minus_cos"],
+        parity["decoder_teacher_forced"]["mask_dice_mean"],
+        parity["end_to_end"]["mask_dice_mean"],
+        parity["reference_floor"]["mask_dice_mean"],
     )
     return meta

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import typing
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,11 @@ from torch import nn
 
 from qmedsam.errors import UserFacingError
 from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
+
+# Brevitas warnings that say nothing about the user's model: an optional CUDA kernel package it does not
+# need here, and an accumulator zero point no qmedsam layer uses. Matched by message, nothing else hidden.
+warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+warnings.filterwarnings("ignore", message="Computing zero point of output accumulator not supported yet")
 
 WeightGranularity = Literal["per_tensor", "per_channel"]
 SoftmaxQuant = Literal["unsigned", "signed", "float"]
@@ -423,8 +429,6 @@ def export_onnx_qcdq(module: nn.Module, args: tuple[torch.Tensor, ...], path: Pa
     Uses torch's TorchScript exporter (`dynamo=False`): its `dynamic_axes` give the decoder its dynamic
     box count, and it is the path Brevitas' QCDQ handlers were written for.
     """
-    import warnings
-
     from brevitas.export import export_onnx_qcdq as brevitas_export
 
     kwargs.setdefault("dynamo", False)

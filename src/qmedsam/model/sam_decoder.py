@@ -30,14 +30,15 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         height, width = size
-        grid = torch.ones((height, width), device=self.positional_encoding_gaussian_matrix.device)
+        matrix = self.positional_encoding_gaussian_matrix
+        grid = torch.ones((height, width), device=matrix.device, dtype=matrix.dtype)
         y = (grid.cumsum(dim=0) - 0.5) / height
         x = (grid.cumsum(dim=1) - 0.5) / width
         return self._encode(torch.stack([x, y], dim=-1)).permute(2, 0, 1)
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         scale = coords.new_tensor([1.0 / image_size[1], 1.0 / image_size[0]])
-        return self._encode(coords.float() * scale)
+        return self._encode(coords.to(self.positional_encoding_gaussian_matrix.dtype) * scale)
 
 
 class PromptEncoder(nn.Module):

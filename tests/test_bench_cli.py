@@ -1,0 +1,37 @@
+"""`qmedsam bench`: a small real run of both subcommands (timings are not asserted, only what they report)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from qmedsam.cli import main
+
+
+def test_bench_cases_runs_every_engine_on_every_model(demo_dir: Path, fp32_model_dir: Path, tmp_path: Path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz", cases)
+    second = tmp_path / "fp32-copy"
+    shutil.copytree(fp32_model_dir, second)
+    out = tmp_path / "cases.json"
+    argv = ["bench", "cases", "-i", str(cases), "--gt", str(demo_dir / "gts"), "-m", str(fp32_model_dir)]
+    argv += ["-m", str(second), "--engines", "openvino:f32", "torch", "--threads", "2", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["config"] for row in rows] == ["openvino:f32@fp32", "torch", "openvino:f32@fp32-copy"]
+    for row in rows:
+        assert row["seconds"]["2D_CT_TotalSeg_0001.npz"] > 0
+        assert row["mean_dsc"] > 0.85  # the fp32 model on this real CT slice: 0.895
+    assert rows[0]["mean_dsc"] == rows[2]["mean_dsc"]  # the same IR twice gives the same masks
+
+
+def test_bench_components_reports_each_model_and_precision(fp32_model_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "components.json"
+    argv = ["bench", "components", "-m", str(fp32_model_dir), "--precision", "f32", "bf16", "--repeats", "2"]
+    assert main([*argv, "--threads", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["config"] for row in rows] == ["openvino:f32@fp32", "openvino:bf16@fp32"]
+    assert all(row[key] > 0 for row in rows for key in ("encoder_ms", "decoder_1_ms", "decoder_16_ms"))
+    assert "ratio enc/dec16 vs first" in capsys.readouterr().out
