@@ -79,10 +79,11 @@ def run_components(args: argparse.Namespace) -> int:
         print(f"measured {config.label}", file=sys.stderr)
     base = results[0]
     print(f"\nmedian ms over {args.repeats} runs, {_threads_note(args.threads)}, LATENCY hint, 1 stream")
-    print(f"{'config':42s} {'IR':>6s} {'encoder':>9s} {'dec 1':>8s} {'dec 16':>8s}   ratio enc/dec16 vs first")
+    width = max(42, *(len(row["config"]) for row in results))
+    print(f"{'config':{width}s} {'IR':>6s} {'encoder':>9s} {'dec 1':>8s} {'dec 16':>8s}   ratio enc/dec16 vs first")
     for row in results:
         print(
-            f"{row['config']:42s} {row['ir_precision']:>6s} {row['encoder_ms']:9.1f} {row['decoder_1_ms']:8.1f} "
+            f"{row['config']:{width}s} {row['ir_precision']:>6s} {row['encoder_ms']:9.1f} {row['decoder_1_ms']:8.1f} "
             f"{row['decoder_16_ms']:8.1f}   {base['encoder_ms'] / row['encoder_ms']:.2f}x / "
             f"{base['decoder_16_ms'] / row['decoder_16_ms']:.2f}x"
         )
@@ -119,23 +120,24 @@ def run_cases(args: argparse.Namespace) -> int:
             rows.append(row)
             print(f"measured {config.label}", file=sys.stderr)
     names = [p.name for p in case_paths]
+    width = max(22, *(len(r["config"]) + 2 for r in rows))
+    first = max(34, *(len(name) + 2 for name in names))
     print(f"\nseconds per case (engine loaded once; prompt mode {args.prompt_mode}; {_threads_note(args.threads)})")
-    header = f"{'case':34s}" + "".join(f"{r['config']:>22s}" for r in rows)
-    print(header)
+    print(f"{'case':{first}s}" + "".join(f"{r['config']:>{width}s}" for r in rows))
     for name in names:
         cells = []
         for r in rows:
             cell = f"{r['seconds'][name]:.2f}s"
             if "dsc" in r and r["dsc"].get(name) is not None:
                 cell += f" D{r['dsc'][name]:.3f}"
-            cells.append(f"{cell:>22s}")
-        print(f"{name:34s}" + "".join(cells))
+            cells.append(f"{cell:>{width}s}")
+        print(f"{name:{first}s}" + "".join(cells))
     totals = [sum(r["seconds"].values()) for r in rows]
-    print(f"{'total seconds':34s}" + "".join(f"{t:>22.2f}" for t in totals))
-    print(f"{'speed-up vs first':34s}" + "".join(f"{totals[0] / t:>21.2f}x" for t in totals))
-    print(f"{'engine load seconds':34s}" + "".join(f"{r['load_seconds']:>22.2f}" for r in rows))
+    print(f"{'total seconds':{first}s}" + "".join(f"{t:>{width}.2f}" for t in totals))
+    print(f"{'speed-up vs first':{first}s}" + "".join(f"{totals[0] / t:>{width - 1}.2f}x" for t in totals))
+    print(f"{'engine load seconds':{first}s}" + "".join(f"{r['load_seconds']:>{width}.2f}" for r in rows))
     if args.gt is not None:
-        print(f"{'mean DSC':34s}" + "".join(f"{r['mean_dsc']:>22.4f}" for r in rows))
-        print(f"{'mean NSD (challenge rule)':34s}" + "".join(f"{r['mean_nsd']:>22.4f}" for r in rows))
+        print(f"{'mean DSC':{first}s}" + "".join(f"{r['mean_dsc']:>{width}.4f}" for r in rows))
+        print(f"{'mean NSD (challenge rule)':{first}s}" + "".join(f"{r['mean_nsd']:>{width}.4f}" for r in rows))
     _write_json(args.json, {"prompt_mode": args.prompt_mode, "threads": args.threads, "results": rows})
     return 0
