@@ -132,6 +132,31 @@ def test_float_weights_load_into_the_quantized_model(pretrained_model):
         load_float_state_dict(model, {k: v for k, v in state.items() if "neck" not in k}, "broken.pth")
 
 
+def test_input_smoothing_leaves_the_float_function_unchanged(pretrained_model, demo_dir):
+    """Depthwise and (opt-in) regular conv input smoothing move per-channel factors between input and
+    weight: with quantization off the model still computes the float function, and a second smoothing
+    pass re-derives the factors instead of compounding them."""
+    import dataclasses
+
+    from qmedsam.deploy.export_int8 import real_slices
+    from qmedsam.model.calibrate import model_inputs, smooth_inputs, smoothed_layers
+
+    model = build_litemedsam(dataclasses.replace(QuantSpec(), smooth_conv_inputs=True)).eval()
+    load_float_state_dict(model, torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True))
+    batches = model_inputs(real_slices(demo_dir / "train", limit=1))
+    assert smooth_inputs(model, batches) == 15 + 13  # depthwise + regular convs but the 3-channel image conv
+    regular = {n: m for n, m in smoothed_layers(model).items() if m.groups == 1}
+    assert len(regular) == 13 and all(not torch.all(m.input_smoothing == 1) for m in regular.values())
+    first = {n: m.input_smoothing.clone() for n, m in smoothed_layers(model).items()}
+    smooth_inputs(model, batches)
+    assert all(torch.allclose(first[n], m.input_smoothing, rtol=1e-4) for n, m in smoothed_layers(model).items())
+    image = batches[0][0]
+    with torch.no_grad(), quantization_disabled(model):
+        embedding = model.encode(image)
+    with torch.no_grad():
+        torch.testing.assert_close(embedding, pretrained_model.encode(image), atol=1e-4, rtol=1e-4)
+
+
 # --- calibration data and export preconditions ------------------------------------------------------------------------
 
 

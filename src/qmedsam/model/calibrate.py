@@ -1,6 +1,6 @@
 """Post-training calibration of a Brevitas LiteMedSAM from real slices, before (or instead of) QAT.
 
-Order matters: depthwise input smoothing first (it changes what the activation quantizers see),
+Order matters: per-channel input smoothing first (it changes what the activation quantizers see),
 then activation statistics in Brevitas calibration mode (quantization off, so every quantizer sees
 float inputs), then optional bias correction. Both encoder and decoder quantizers are calibrated:
 the decoder needs boxes, so a calibration sample is (image, boxes), not an image alone.
@@ -48,20 +48,27 @@ def model_inputs(samples: Iterable[PromptedImage], max_boxes: int = MAX_BOXES_PE
     return batches
 
 
-def smoothed_convs(model: nn.Module) -> dict[str, nn.Module]:
+def smoothed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized encoder convs that scale their input per channel before quantizing it."""
     return {name: m for name, m in model.named_modules() if hasattr(m, quant.SMOOTHING_BUFFER)}
 
 
-@torch.no_grad()
-def smooth_depthwise(model: nn.Module, batches: Sequence[Batch]) -> int:
-    """Set the per-channel input scales of the depthwise convs from real inputs (SmoothQuant).
+def _input_channel_layout(conv: nn.Module) -> tuple[tuple[int, ...], int]:
+    """(view shape of a per-input-channel factor on the weight, weight dim of the input channel): channel c
+    of a depthwise conv is its output channel c (dim 0); a regular conv's input channel is weight dim 1."""
+    return ((-1, 1, 1, 1), 0) if conv.groups > 1 else ((1, -1, 1, 1), 1)
 
-    With s_c = a_c^alpha / w_c^(1-alpha) (a: input abs-max, w: weight abs-max of channel c), the
+
+@torch.no_grad()
+def smooth_inputs(model: nn.Module, batches: Sequence[Batch]) -> int:
+    """Set the per-channel input scales of the smoothed convs from real encoder inputs (SmoothQuant).
+
+    With s_c = a_c^alpha / w_c^(1-alpha) (a: input abs-max, w: weight abs-max of input channel c), the
     input is divided and the weight multiplied by s, leaving the float function unchanged. Repeated
     calls re-derive s from the raw input, so calibrating twice does not compound. Returns the count.
     """
-    convs = smoothed_convs(model)
-    if not convs:
+    layers = smoothed_layers(model)
+    if not layers:
         return 0
     maxima: dict[str, torch.Tensor] = {}
 
@@ -72,7 +79,7 @@ def smooth_depthwise(model: nn.Module, batches: Sequence[Batch]) -> int:
 
         return hook
 
-    hooks = [conv.register_forward_pre_hook(record(name)) for name, conv in convs.items()]
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
     try:
         with quant.quantization_disabled(model):
             for image, _ in batches:
@@ -80,18 +87,19 @@ def smooth_depthwise(model: nn.Module, batches: Sequence[Batch]) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    for name, conv in convs.items():
+    for name, layer in layers.items():
         if name not in maxima:
-            raise RuntimeError(f"depthwise conv {name} saw no calibration input")
-        old = conv.input_smoothing.clone()
-        weight = conv.weight * old.view(-1, 1, 1, 1)  # the float weight, whatever was folded before
-        alpha = conv.smoothing_alpha
+            raise RuntimeError(f"smoothed layer {name} saw no calibration input")
+        shape, weight_dim = _input_channel_layout(layer)
+        old = layer.input_smoothing.clone()
+        weight = layer.weight * old.view(shape)  # the float weight, whatever was folded before
+        alpha = layer.smoothing_alpha
         act = maxima[name].clamp(min=1e-5)
-        wmax = weight.abs().flatten(1).amax(dim=1).clamp(min=1e-5)
+        wmax = weight.abs().transpose(0, weight_dim).flatten(1).amax(dim=1).clamp(min=1e-5)
         scale = act.pow(alpha) / wmax.pow(1.0 - alpha)
-        conv.input_smoothing.copy_(1.0 / scale)
-        conv.weight.copy_(weight * scale.view(-1, 1, 1, 1))
-    return len(convs)
+        layer.input_smoothing.copy_(1.0 / scale)
+        layer.weight.copy_(weight * scale.view(shape))
+    return len(layers)
 
 
 @torch.no_grad()
@@ -100,14 +108,14 @@ def calibrate(
 ) -> dict[str, int]:
     """Set activation quantizer scales of a Brevitas LiteMedSAM from the first `n` real batches.
 
-    Runs depthwise smoothing (if the spec has it), Brevitas calibration mode over encoder and decoder,
+    Runs input smoothing (if the spec has it), Brevitas calibration mode over encoder and decoder,
     then optional Brevitas bias correction. Raises if some quantizer saw no data.
     """
     batches = list(batches)[:n] if n is not None else list(batches)
     if not batches:
         raise ValueError("calibration needs at least one (image, boxes) batch")
     model.eval()
-    smoothed = smooth_depthwise(model, batches)
+    smoothed = smooth_inputs(model, batches)
     with quant.calibration_mode(model):
         for image, boxes in batches:
             model.decode(model.encode(image), boxes)
@@ -120,5 +128,5 @@ def calibrate(
     if missing:
         raise RuntimeError(f"activation quantizers saw no calibration data: {missing[:5]}")
     summary = {"samples": len(batches), "boxes": sum(len(b) for _, b in batches), "smoothed_convs": smoothed}
-    log.info("calibrated %(samples)d slices, %(boxes)d boxes (%(smoothed_convs)d depthwise convs smoothed)", summary)
+    log.info("calibrated %(samples)d slices, %(boxes)d boxes (%(smoothed_convs)d conv inputs smoothed)", summary)
     return summary
