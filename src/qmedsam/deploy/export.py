@@ -61,9 +61,16 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def compare_engines(reference: Engine, candidate: Engine, samples: list[ParitySample]) -> dict[str, float]:
-    """Mask agreement (Dice between the two engines' full-resolution masks, per box) and logit error."""
+def compare_engines(
+    reference: Engine, candidate: Engine, samples: list[ParitySample], teacher_forced_decoder: bool = False
+) -> dict:
+    """Mask agreement (Dice between the two engines' full-resolution masks, per box) and logit error.
+
+    With `teacher_forced_decoder`, also the candidate's decoder on the reference's embedding
+    (`decoder_teacher_forced`): agreement of the decoders alone, with no encoder difference carried in.
+    """
     dices: list[float] = []
+    forced: list[float] = []
     max_logit = 0.0
     max_embedding = 0.0
     for sample in samples:
@@ -73,11 +80,12 @@ def compare_engines(reference: Engine, candidate: Engine, samples: list[ParitySa
         max_embedding = max(max_embedding, float(np.abs(ref_emb - cand_emb).max()))
         ref_logits, cand_logits = reference.decode(ref_emb, boxes), candidate.decode(cand_emb, boxes)
         max_logit = max(max_logit, float(np.abs(ref_logits - cand_logits).max()))
-        for a, b in zip(
-            postprocess_logits(ref_logits, geometry), postprocess_logits(cand_logits, geometry), strict=True
-        ):
-            dices.append(dice(a, b))
-    return {
+        ref_masks = postprocess_logits(ref_logits, geometry)
+        dices += [dice(a, b) for a, b in zip(ref_masks, postprocess_logits(cand_logits, geometry), strict=True)]
+        if teacher_forced_decoder:
+            forced_masks = postprocess_logits(candidate.decode(ref_emb, boxes), geometry)
+            forced += [dice(a, b) for a, b in zip(ref_masks, forced_masks, strict=True)]
+    result: dict = {
         "samples": len(samples),
         "boxes": len(dices),
         "mask_dice_mean": float(np.mean(dices)) if dices else float("nan"),
@@ -85,6 +93,13 @@ def compare_engines(reference: Engine, candidate: Engine, samples: list[ParitySa
         "max_abs_embedding_diff": max_embedding,
         "max_abs_logit_diff": max_logit,
     }
+    if teacher_forced_decoder:
+        result["decoder_teacher_forced"] = {
+            "boxes": len(forced),
+            "mask_dice_mean": float(np.mean(forced)) if forced else float("nan"),
+            "mask_dice_min": float(np.min(forced)) if forced else float("nan"),
+        }
+    return result
 
 
 def convert_float(model, out_dir: Path) -> None:

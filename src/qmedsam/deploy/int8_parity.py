@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.preprocess import postprocess_logits, preprocess_image, scale_boxes
-from qmedsam.deploy.export import ParitySample, compare_engines, dice
+from qmedsam.data.preprocess import preprocess_image
+from qmedsam.deploy.export import ParitySample, compare_engines
 
 ENCODER_UNIT = re.compile(r"^/(patch_embed|neck|layers\.\d+/(?:blocks\.\d+|downsample))/")
 """ONNX node-name scopes (TorchScript exporter) of the encoder blocks checked one by one."""
@@ -180,19 +180,6 @@ def unit_parity(encoder_xml: Path, model, units: Sequence[dict[str, str]], sampl
 # --- decoder and whole pipeline -------------------------------------------------------------------------
 
 
-def decoder_agreement(reference, candidate, samples: Sequence[ParitySample]) -> dict[str, float]:
-    """Masks of both decoders on the reference's embedding (teacher forced at the encoder/decoder seam)."""
-    dices = []
-    for sample in samples:
-        tensor, geometry = preprocess_image(sample.image)
-        boxes = scale_boxes(sample.boxes, geometry)
-        embedding = reference.encode(tensor)
-        ours = postprocess_logits(reference.decode(embedding, boxes), geometry)
-        theirs = postprocess_logits(candidate.decode(embedding, boxes), geometry)
-        dices += [dice(a, b) for a, b in zip(ours, theirs, strict=True)]
-    return {"boxes": len(dices), "mask_dice_mean": float(np.mean(dices)), "mask_dice_min": float(np.min(dices))}
-
-
 @contextmanager
 def _default_dtype(dtype) -> Iterator[None]:
     import torch
@@ -248,8 +235,8 @@ def int8_parity(
     reference = TorchEngine(model, name="torch-brevitas-fakequant")
     candidate = OpenVINOEngine(model_dir, precision="f32", cache_dir=cache_dir)
     units_result = unit_parity(Path(model_dir) / "encoder.xml", model, units, samples)
-    decoder = decoder_agreement(reference, candidate, samples)
-    end_to_end = compare_engines(reference, candidate, list(samples))
+    end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
+    decoder = end_to_end.pop("decoder_teacher_forced")
     floor = compare_engines(reference, Float64Twin(model), list(samples))
     worst_unit = max(units_result, key=lambda name: units_result[name]["one_minus_cos"]) if units_result else None
     record = {
