@@ -26,8 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,44 +179,6 @@ def unit_parity(encoder_xml: Path, model, units: Sequence[dict[str, str]], sampl
 # --- decoder and whole pipeline -------------------------------------------------------------------------
 
 
-@contextmanager
-def _default_dtype(dtype) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-class Float64Twin:
-    """The same (fake-quant) model computed in float64: how far the reference is from itself."""
-
-    name = "torch-float64"
-
-    def __init__(self, model) -> None:
-        import torch
-
-        self.model = copy.deepcopy(model).double().eval()
-        self._torch = torch
-
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode(), _default_dtype(torch.float64):
-            return self.model.encode(torch.from_numpy(np.asarray(image, np.float64))).float().numpy()
-
-    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode(), _default_dtype(torch.float64):
-            logits, _ = self.model.decode(
-                torch.from_numpy(np.asarray(embedding, np.float64)),
-                torch.from_numpy(np.asarray(boxes, np.float64).reshape(-1, 4)),
-            )
-        return logits[:, 0].float().numpy()
-
-
 def int8_parity(
     model_dir: Path,
     model,
@@ -237,7 +198,9 @@ def int8_parity(
     units_result = unit_parity(Path(model_dir) / "encoder.xml", model, units, samples)
     end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
     decoder = end_to_end.pop("decoder_teacher_forced")
-    floor = compare_engines(reference, Float64Twin(model), list(samples))
+    # The same model in float64: how far the reference is from itself.
+    twin = TorchEngine(copy.deepcopy(model).double(), name="torch-float64", dtype=np.float64)
+    floor = compare_engines(reference, twin, list(samples))
     worst_unit = max(units_result, key=lambda name: units_result[name]["one_minus_cos"]) if units_result else None
     record = {
         "reference": reference.name,

@@ -37,15 +37,17 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """PyTorch reference engine; the model may be float or Brevitas fake-quant."""
+    """PyTorch reference engine; the model may be float or Brevitas fake-quant, in float32 or (for a
+    precision reference) float64: `dtype` is the model's, inputs are cast to it, outputs are float32."""
 
-    def __init__(self, model, num_threads: int | None = None, name: str = "torch") -> None:
+    def __init__(self, model, num_threads: int | None = None, name: str = "torch", dtype=np.float32) -> None:
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
         self.name = name
+        self.dtype = np.dtype(dtype)
         self._torch = torch
 
     @classmethod
@@ -54,18 +56,17 @@ class TorchEngine:
 
         return cls(load_pretrained_litemedsam(), num_threads)
 
+    def _tensor(self, array: np.ndarray):
+        return self._torch.from_numpy(np.ascontiguousarray(array, self.dtype))
+
     def encode(self, image: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.model.encode(self._torch.from_numpy(np.ascontiguousarray(image, np.float32))).numpy()
+            return self.model.encode(self._tensor(image)).numpy().astype(np.float32, copy=False)
 
     def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            logits, _ = self.model.decode(
-                torch.from_numpy(np.ascontiguousarray(embedding, np.float32)),
-                torch.from_numpy(np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)),
-            )
-        return logits[:, 0].numpy()
+        with self._torch.inference_mode():
+            logits, _ = self.model.decode(self._tensor(embedding), self._tensor(boxes).reshape(-1, 4))
+        return logits[:, 0].numpy().astype(np.float32, copy=False)
 
 
 def default_cache_root() -> Path:
