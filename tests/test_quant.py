@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from qmedsam.errors import UserFacingError
-from qmedsam.model.litemedsam import LiteMedSAM, build_litemedsam
-from qmedsam.model.quant import QuantSpec, QuantSpecError, load_float_state_dict, quantization_disabled
+from qmedsam.model.litemedsam import LiteMedSAM
+from qmedsam.model.quant import (
+    QuantSpec,
+    QuantSpecError,
+    build_quantized,
+    load_float_state_dict,
+    quantization_disabled,
+)
 from qmedsam.model.tiny_vit import Conv2dBN
 from qmedsam.model.weights import pretrained_weights_path
 
@@ -72,9 +78,9 @@ def _brevitas_types():
 
 def test_spec_off_builds_the_float_model():
     float_keys = set(LiteMedSAM().state_dict())
-    assert set(build_litemedsam(None).state_dict()) == float_keys
-    assert set(build_litemedsam(QuantSpec(image_encoder=False, mask_decoder=False)).state_dict()) == float_keys
-    decoder_only = build_litemedsam(QuantSpec(image_encoder=False))
+    assert set(build_quantized(None).state_dict()) == float_keys
+    assert set(build_quantized(QuantSpec(image_encoder=False, mask_decoder=False)).state_dict()) == float_keys
+    decoder_only = build_quantized(QuantSpec(image_encoder=False))
     assert any(isinstance(m, Conv2dBN) for m in decoder_only.image_encoder.modules())  # encoder untouched
     assert {k for k in decoder_only.state_dict() if k.startswith("image_encoder.")} == {
         k for k in float_keys if k.startswith("image_encoder.")
@@ -83,7 +89,7 @@ def test_spec_off_builds_the_float_model():
 
 def test_spec_on_quantizes_the_seed_coverage():
     quant_conv, quant_linear, quant_deconv, quant_identity = _brevitas_types()
-    model = build_litemedsam(QuantSpec())
+    model = build_quantized(QuantSpec())
     encoder, decoder = model.image_encoder, model.mask_decoder
     assert not any(isinstance(m, Conv2dBN | nn.BatchNorm2d) for m in encoder.modules())  # folded
     convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
@@ -105,7 +111,7 @@ def test_spec_on_quantizes_the_seed_coverage():
     softmax = {n: type(m) for n, m in decoder.named_modules() if n.endswith("softmax_quant")}
     assert len(softmax) == 7
     assert all((cls is nn.Identity) == ("token_to_image" in n) for n, cls in softmax.items())
-    seed = build_litemedsam(QuantSpec.from_yaml(CONFIGS / "w8a8_per_tensor.yaml"))
+    seed = build_quantized(QuantSpec.from_yaml(CONFIGS / "w8a8_per_tensor.yaml"))
     assert all(isinstance(m, quant_identity) for n, m in seed.named_modules() if n.endswith("softmax_quant"))
     assert not any(hasattr(m, "input_smoothing") for m in seed.modules())
     # The prompt encoder always stays float.
@@ -115,7 +121,7 @@ def test_spec_on_quantizes_the_seed_coverage():
 def test_float_weights_load_into_the_quantized_model(pretrained_model):
     """BatchNorm folded, quantizer parameters the only keys not in the float checkpoint, and with
     quantization switched off the quantized model computes the float function."""
-    model = build_litemedsam(QuantSpec()).eval()
+    model = build_quantized(QuantSpec()).eval()
     state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     load_float_state_dict(model, state)
     image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
@@ -141,7 +147,7 @@ def test_input_smoothing_leaves_the_float_function_unchanged(pretrained_model, d
     from qmedsam.deploy.export_int8 import real_slices
     from qmedsam.model.calibrate import model_inputs, smooth_inputs, smoothed_layers
 
-    model = build_litemedsam(dataclasses.replace(QuantSpec(), smooth_conv_inputs=True)).eval()
+    model = build_quantized(dataclasses.replace(QuantSpec(), smooth_conv_inputs=True)).eval()
     load_float_state_dict(model, torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True))
     batches = model_inputs(real_slices(demo_dir / "train", limit=1))
     assert smooth_inputs(model, batches) == 15 + 13  # depthwise + regular convs but the 3-channel image conv
@@ -163,7 +169,7 @@ def test_input_smoothing_leaves_the_float_function_unchanged(pretrained_model, d
 def test_uncalibrated_model_is_refused_by_the_export(tmp_path):
     from qmedsam.deploy.export_int8 import export_int8
 
-    model = build_litemedsam(QuantSpec())
+    model = build_quantized(QuantSpec())
     with pytest.raises(UserFacingError, match="not calibrated"):
         export_int8(model, QuantSpec(), tmp_path / "out", {}, [object()])
     assert not (tmp_path / "out").exists()

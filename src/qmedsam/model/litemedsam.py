@@ -1,13 +1,13 @@
 """LiteMedSAM assembly (TinyViT encoder + SAM prompt encoder + mask decoder) and weight loading.
 
-Defined once: a `QuantSpec` (see `qmedsam.model.quant`) switches the encoder and/or decoder to
-Brevitas layers through layer factories; without one the model is the float reference.
+Defined once, with its layers built through layer factories (`qmedsam.model.layers`). This module
+knows nothing about quantization: `qmedsam.model.quant` builds the quantized model on top of it by
+handing Brevitas layer factories to the same `LiteMedSAM` (`build_quantized`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,9 +17,6 @@ from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
 from qmedsam.model.sam_decoder import MaskDecoder, PromptEncoder
 from qmedsam.model.tiny_vit import TinyViT
 from qmedsam.model.weights import pretrained_weights_path
-
-if TYPE_CHECKING:
-    from qmedsam.model.quant import QuantSpec
 
 IMAGE_SIZE = 256
 EMBEDDING_SHAPE = (256, 64, 64)
@@ -64,15 +61,9 @@ class DecoderForExport(nn.Module):
         return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
 
 
-def build_litemedsam(quant: QuantSpec | None = None) -> LiteMedSAM:
-    """An untrained model; float unless `quant` asks for quantized parts."""
-    if quant is None:
-        return LiteMedSAM()
-    from qmedsam.model.quant import layer_factories, prepare_quantized
-
-    encoder_layers, decoder_layers = layer_factories(quant)
-    # Folds BatchNorm into the quantized convs (the folded weight is what gets quantized).
-    return prepare_quantized(LiteMedSAM(encoder_layers, decoder_layers), quant)
+def build_litemedsam() -> LiteMedSAM:
+    """An untrained float model (the quantized one: `qmedsam.model.quant.build_quantized`)."""
+    return LiteMedSAM()
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

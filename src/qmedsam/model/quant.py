@@ -31,6 +31,7 @@ from torch import nn
 
 from qmedsam.errors import UserFacingError
 from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
+from qmedsam.model.litemedsam import LiteMedSAM, load_state_dict_file
 
 # Brevitas warnings that say nothing about the user's model: an optional CUDA kernel package it does not
 # need here, and an accumulator zero point no qmedsam layer uses. Matched by message, nothing else hidden.
@@ -302,6 +303,18 @@ def layer_factories(quant: QuantSpec | None) -> tuple[LayerFactory, LayerFactory
     return (quantized if quant.image_encoder else FLOAT_LAYERS), (quantized if quant.mask_decoder else FLOAT_LAYERS)
 
 
+def build_quantized(quant: QuantSpec | None) -> LiteMedSAM:
+    """An untrained LiteMedSAM with the parts `quant` names built from Brevitas layers (float if None).
+
+    The same `LiteMedSAM` class as the float model, given quantized layer factories; BatchNorm is folded
+    into the quantized convs (the folded weight is what gets quantized).
+    """
+    if quant is None:
+        return LiteMedSAM()
+    encoder_layers, decoder_layers = layer_factories(quant)
+    return prepare_quantized(LiteMedSAM(encoder_layers, decoder_layers), quant)
+
+
 def prepare_quantized(model: nn.Module, quant: QuantSpec | None) -> nn.Module:
     """Finish a `LiteMedSAM` built with `layer_factories(quant)`: fold the encoder's BatchNorms into
     (quantized) convs and keep the token-to-image softmaxes float unless the spec asks otherwise."""
@@ -334,7 +347,6 @@ def folded_float_state_dict(state: Mapping[str, torch.Tensor], fold_encoder: boo
     Done by loading it strictly into the float model and folding there (`Conv2dBN.fused`), so the
     arithmetic exists once and a malformed checkpoint fails with PyTorch's key report.
     """
-    from qmedsam.model.litemedsam import LiteMedSAM
     from qmedsam.model.tiny_vit import fuse_conv_bn
 
     model = LiteMedSAM()
@@ -345,7 +357,7 @@ def folded_float_state_dict(state: Mapping[str, torch.Tensor], fold_encoder: boo
 
 
 def load_float_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Load float LiteMedSAM weights into a (partly) quantized model built by `build_litemedsam`.
+    """Load float LiteMedSAM weights into a (partly) quantized model built by `build_quantized`.
 
     Only quantizer parameters may be missing afterwards (they keep their initial values until
     `calibrate`); any other missing or unexpected key is an error.
@@ -372,12 +384,11 @@ def load_litemedsam(spec: QuantSpec | None, weights: str | Path | None = None) -
     A quantized checkpoint must have been saved from the same spec (strict load, calibrated
     quantizers included); a float one is folded and leaves activation quantizers uncalibrated.
     """
-    from qmedsam.model.litemedsam import build_litemedsam, load_state_dict_file
     from qmedsam.model.weights import pretrained_weights_path
 
     path = Path(weights) if weights is not None else pretrained_weights_path()
     state = load_state_dict_file(path)
-    model = build_litemedsam(spec)
+    model = build_quantized(spec)
     if is_quantized_state_dict(state):
         try:
             model.load_state_dict(state, strict=True)
@@ -448,6 +459,7 @@ def export_onnx_qcdq(module: nn.Module, args: tuple[torch.Tensor, ...], path: Pa
 
 __all__ = [
     "BrevitasLayers",
+    "build_quantized",
     "QuantSpec",
     "QuantSpecError",
     "layer_factories",
