@@ -1,4 +1,4 @@
-"""Shared fixtures: the real demo dataset and an fp32 OpenVINO model, each built once per session."""
+"""Shared fixtures: the real demo dataset, the training tree and an fp32 OpenVINO model, each built once."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qmedsam.data.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def train_tree_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`qmedsam data train` output: the real multi-modality training tree (a few seconds once cached)."""
+    from qmedsam.data.train_tree import build_train_tree
+
+    return build_train_tree(tmp_path_factory.mktemp("train_tree"))
 
 
 @pytest.fixture(scope="session")

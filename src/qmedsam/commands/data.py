@@ -1,7 +1,8 @@
-"""`qmedsam data ...`: datasets. `qmedsam data demo --out DIR` builds a small real demo dataset.
+"""`qmedsam data ...`: datasets. `demo --out DIR` builds a small real demo dataset; `train --out DIR` a
+real multi-modality training tree with a validation split by source volume.
 
-The demo's sources are pinned PyPI archives (totalsegmentator sdist, stardist and nilearn wheels),
-fetched with pip into a cache; see `qmedsam.data.demo` for the cases, layout and conventions.
+Sources are pinned PyPI archives fetched with pip into a cache; see `qmedsam.data.demo` and
+`qmedsam.data.train_tree` for the cases, layout and conventions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="build datasets (a small real demo set)",
+        help="build datasets (a small real demo set, a training tree)",
         description="Build datasets in the challenge format.",
     )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
@@ -40,6 +41,28 @@ def register(subparsers) -> None:
     )
     demo.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a complete build")
     demo.set_defaults(func=run_demo)
+    train = actions.add_parser(
+        "train",
+        help="build the real multi-modality training tree (labelled + unlabelled, train/validation split)",
+        description=(
+            "Download pinned PyPI archives with pip (totalsegmentator 2.18.0 sdist; stardist 0.9.2, nilearn 0.12.1, "
+            "pydicom-data 1.0.0 and scikit-image 0.26.0 wheels; nothing is installed) and build "
+            "DIR/<Modality>/<Dataset>/*.npz (imgs, gts when labelled, spacing for 3D) and DIR/manifest.json with "
+            "every file's provenance, licence, label origin (manual / model output / thresholded / unlabelled) "
+            "and split. The validation split is by source volume and holds every volume a demo case comes from. "
+            "Prints per split and modality the source volumes, files, 2D samples and labelled objects."
+        ),
+    )
+    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the tree to")
+    train.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the downloaded archives (default as for `data demo`)",
+    )
+    train.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a complete build")
+    train.set_defaults(func=run_train)
 
     def _no_action(args) -> int:
         parser.print_help(sys.stderr)
@@ -54,6 +77,20 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     skipped = not args.force and is_complete(args.out)
     out_dir = build_demo(args.out, args.cache, force=args.force)
+    print(summarize(out_dir))
+    if skipped:
+        print("  already complete: nothing rebuilt (--force rebuilds)")
+    else:
+        print(f"  built in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run_train(args) -> int:
+    from qmedsam.data.train_tree import build_train_tree, is_complete, summarize
+
+    start = time.perf_counter()
+    skipped = not args.force and is_complete(args.out)
+    out_dir = build_train_tree(args.out, args.cache, force=args.force)
     print(summarize(out_dir))
     if skipped:
         print("  already complete: nothing rebuilt (--force rebuilds)")
