@@ -39,14 +39,14 @@ def test_shipped_specs_load():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("weight_bits: 8\n", "unknown key(s) ['weight_bits']"),
+        ("weight_bits: 8\n", "unknown key(s) 'weight_bits' (did you mean 'weight_bit_width'?)"),
         ("weight_bit_width: '8'\n", "key 'weight_bit_width' must be an integer, got '8'"),
         ("weight_bit_width: true\n", "key 'weight_bit_width' must be an integer, got True"),
         ("image_encoder: 1\n", "key 'image_encoder' must be true or false, got 1"),
         ("weight_granularity: per_row\n", "key 'weight_granularity' must be one of ['per_tensor', 'per_channel']"),
         ("min_int8_fraction: high\n", "key 'min_int8_fraction' must be a number"),
         ("activation_bit_width: 16\n", "activation_bit_width must be between 2 and 8, got 16"),
-        ("- image_encoder\n", "expected a mapping of spec keys, got list"),
+        ("- image_encoder\n", "expected a mapping of quant spec keys, got list"),
         ("image_encoder: [\n", "not valid YAML"),
     ],
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import typing
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch import nn
 from qmedsam.errors import UserFacingError
 from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
 from qmedsam.model.litemedsam import LiteMedSAM, load_state_dict_file
+from qmedsam.typed_config import from_mapping, read_yaml_mapping
 
 # Brevitas warnings that say nothing about the user's model: an optional CUDA kernel package it does not
 # need here, and an accumulator zero point no qmedsam layer uses. Matched by message, nothing else hidden.
@@ -119,55 +119,11 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "quant spec") -> QuantSpec:
         """Validate a mapping (e.g. parsed YAML); errors name `source` and the offending key."""
-        if not isinstance(data, Mapping):
-            raise QuantSpecError(f"{source}: expected a mapping of spec keys, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in data if k not in fields)
-        if unknown:
-            raise QuantSpecError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
-        values = {}
-        for key, value in data.items():
-            values[key] = _check_type(value, hints[key], f"{source}: key '{key}'")
-        try:
-            return cls(**values)
-        except QuantSpecError as exc:
-            raise QuantSpecError(f"{source}: {exc}") from None
+        return from_mapping(cls, data, source, QuantSpecError)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> QuantSpec:
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise QuantSpecError(f"{path}: cannot read quant spec ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            raise QuantSpecError(f"{path}: not valid YAML ({exc})") from None
-        return cls.from_dict(data if data is not None else {}, source=str(path))
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Accept `value` for a field typed `hint` (bool, int, float, Literal) or raise a clear error."""
-    if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed or not isinstance(value, str):
-            raise QuantSpecError(f"{where} must be one of {list(allowed)}, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise QuantSpecError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise QuantSpecError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise QuantSpecError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    raise TypeError(f"unsupported field type {hint!r}")  # a programming error in QuantSpec
+        return cls.from_dict(read_yaml_mapping(path, "quant spec", QuantSpecError), source=str(path))
 
 
 class BrevitasLayers(LayerFactory):
