@@ -143,11 +143,9 @@ DEMO_SOURCES = ("totalsegmentator", "stardist", "nilearn")
 
 def default_cache_dir() -> Path:
     """`$QMEDSAM_CACHE/sources`, else `${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources`."""
-    root = os.environ.get("QMEDSAM_CACHE")
-    if root:
-        return Path(root).expanduser() / "sources"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "qmedsam" / "sources"
+    from qmedsam.deploy.runtime import default_cache_root
+
+    return default_cache_root() / "sources"
 
 
 # --------------------------------------------------------------------------------------------------
