@@ -57,16 +57,18 @@ class TorchEngine:
         return cls(load_pretrained_litemedsam(), num_threads)
 
     def _tensor(self, array: np.ndarray):
-        return self._torch.from_numpy(np.ascontiguousarray(array, self.dtype))
+        tensor = self._torch.from_numpy(np.ascontiguousarray(array, self.dtype))
+        device = next(self.model.parameters()).device  # a model being trained may live on a GPU
+        return tensor if device.type == "cpu" else tensor.to(device)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.model.encode(self._tensor(image)).numpy().astype(np.float32, copy=False)
+            return self.model.encode(self._tensor(image)).cpu().numpy().astype(np.float32, copy=False)
 
     def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             logits, _ = self.model.decode(self._tensor(embedding), self._tensor(boxes).reshape(-1, 4))
-        return logits[:, 0].numpy().astype(np.float32, copy=False)
+        return logits[:, 0].cpu().numpy().astype(np.float32, copy=False)
 
 
 def default_cache_root() -> Path:

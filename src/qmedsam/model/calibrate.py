@@ -8,6 +8,7 @@ the decoder needs boxes, so a calibration sample is (image, boxes), not an image
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -104,19 +105,26 @@ def smooth_inputs(model: nn.Module, batches: Sequence[Batch]) -> int:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module, batches: Iterable[Batch], n: int | None = None, bias_correction: bool = False
+    model: nn.Module,
+    batches: Iterable[Batch],
+    n: int | None = None,
+    bias_correction: bool = False,
+    parts: Sequence[str] = ("image_encoder", "mask_decoder"),
 ) -> dict[str, int]:
     """Set activation quantizer scales of a Brevitas LiteMedSAM from the first `n` real batches.
 
-    Runs input smoothing (if the spec has it), Brevitas calibration mode over encoder and decoder,
-    then optional Brevitas bias correction. Raises if some quantizer saw no data.
+    Runs input smoothing (if the spec has it), Brevitas calibration mode over `parts` (both by default;
+    a later QAT stage that newly quantizes the decoder calibrates only that, keeping the trained encoder's
+    scales), then optional Brevitas bias correction. Raises if some quantizer saw no data.
     """
     batches = list(batches)[:n] if n is not None else list(batches)
     if not batches:
         raise ValueError("calibration needs at least one (image, boxes) batch")
     model.eval()
-    smoothed = smooth_inputs(model, batches)
-    with quant.calibration_mode(model):
+    smoothed = smooth_inputs(model, batches) if "image_encoder" in parts else 0
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(quant.calibration_mode(getattr(model, part)))
         for image, boxes in batches:
             model.decode(model.encode(image), boxes)
     if bias_correction:
