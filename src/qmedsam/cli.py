@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "export": "qmedsam.commands.export",
     "evaluate": "qmedsam.commands.evaluate",
     "data": "qmedsam.commands.data",
+    "train": "qmedsam.commands.train",
     "bench": "qmedsam.commands.bench",
 }
 

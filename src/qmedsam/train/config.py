@@ -1,0 +1,155 @@
+"""One training stage as data: `configs/train/*.yaml` (flat keys) + `--set key=value`, validated.
+
+Every value the QMedSAM seed hard-coded in its training script is a key here, with the seed's value as
+the stage files' default; nothing is edited in source to run a stage. Unknown or misspelt keys are
+refused with the closest known name; wrong types name the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from qmedsam.errors import UserFacingError
+from qmedsam.typed_config import from_mapping, read_yaml_mapping
+
+SamplerStrategy = Literal["Min", "OneTenth", "All"]
+
+
+class ConfigError(UserFacingError):
+    """A training config with an unknown, missing or wrong-typed key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Keys of one stage. Paths are resolved against the config file's folder when relative."""
+
+    stage: int = 1
+    """1: quantized encoder trained with the teacher; 2: encoder + decoder quantized, decoder trained;
+    3: both trained with the teacher (the seed's protocol)."""
+    quant_spec: str | None = None
+    """QuantSpec YAML (null: QuantSpec's defaults, = configs/quant/w8a8_per_channel.yaml);
+    `quantize_encoder` / `quantize_decoder` switch its parts on or off."""
+    quantize_encoder: bool = True
+    quantize_decoder: bool = False
+    train_encoder: bool = True
+    train_decoder: bool = False
+    train_prompt_encoder: bool = False
+    """The seed kept the prompt encoder frozen in every stage."""
+    init_checkpoint: str | None = None
+    """Weights to start from: null = the pretrained fp32 LiteMedSAM (calibrated on `calib_slices`
+    training slices when a part is quantized); else a qmedsam checkpoint or state dict (a previous stage)."""
+    calib_slices: int = 16
+    teacher: bool = True
+    """Distillation from the fp32 LiteMedSAM: IoU(teacher mask, GT) x MSE(student, teacher embedding) per
+    sample; unlabelled samples train on the teacher's mask and embedding alone."""
+    distill_weight: float = 1.0
+    teacher_cache: str | None = None
+    """Folder for the teacher's fp16 image embeddings per slice and flip (default: <data_root>/.teacher-cache)."""
+    data_root: str = "data/train"
+    train_split: str = "train"
+    val_split: str = "validation"
+    sampler_strategy: SamplerStrategy | int = "OneTenth"
+    image_size: int = 256
+    bbox_shift: int = 10
+    augment: bool = True
+    batch_size: int = 4
+    num_workers: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: int = 5
+    warmup_start_factor: float = 0.01
+    cosine_epochs: int = 10
+    extra_epochs: int = 1
+    """The seed ran warmup + cosine + 1 epochs (the last at the final learning rate)."""
+    min_lr_factor: float = 0.001
+    seed: int = 0
+    out_dir: str = "runs/stage1"
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (smoke tests); the run still checkpoints."""
+    checkpoint_every_steps: int = 50
+    """Also checkpoint mid-epoch every this many steps, so a killed run resumes close to where it stopped."""
+    val_every_epochs: int = 1
+    val_max_slices: int | None = 64
+    """Validation scores at most this many labelled slices (spread over the split's volumes; null = all)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N; under torchrun each rank uses its LOCAL_RANK GPU."""
+    threads: int | None = None
+    """torch intra-op threads per process (null: torch's default)."""
+    log_every_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if not (self.train_encoder or self.train_decoder or self.train_prompt_encoder):
+            raise ConfigError("nothing to train: set train_encoder, train_decoder or train_prompt_encoder")
+        positive = ("batch_size", "image_size", "calib_slices", "checkpoint_every_steps", "log_every_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_workers", "warmup_epochs", "cosine_epochs", "extra_epochs", "bbox_shift", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.warmup_epochs + self.cosine_epochs + self.extra_epochs < 1:
+            raise ConfigError("warmup_epochs + cosine_epochs + extra_epochs must be at least 1")
+        if self.lr <= 0 or not 0 < self.warmup_start_factor <= 1 or not 0 < self.min_lr_factor <= 1:
+            raise ConfigError("lr must be > 0 and warmup_start_factor, min_lr_factor in (0, 1]")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if isinstance(self.sampler_strategy, int) and self.sampler_strategy < 1:
+            raise ConfigError(f"sampler_strategy must be Min, OneTenth, All or >= 1, not {self.sampler_strategy}")
+
+    @property
+    def epochs(self) -> int:
+        return self.warmup_epochs + self.cosine_epochs + self.extra_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PATH_KEYS = ("quant_spec", "init_checkpoint", "teacher_cache", "data_root", "out_dir")
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML scalars (`max_steps=5` is an int, `teacher=false` a bool)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not a YAML scalar ({exc})") from None
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The stage file (if any) with `--set` overrides applied; relative paths made absolute.
+
+    Paths in the file are relative to the file's folder; paths given with `--set` to the working folder.
+    """
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "--set"
+    if path is not None:
+        path = Path(path)
+        data = read_yaml_mapping(path, "training config", ConfigError)
+        base = path.resolve().parent
+        source = str(path)
+        data = {k: _resolve(k, v, base) for k, v in data.items()}
+    sets = parse_set(overrides)
+    data.update({k: _resolve(k, v, Path.cwd()) for k, v in sets.items()})
+    return from_mapping(TrainConfig, data, source + (" with --set" if sets and path else ""), ConfigError)
+
+
+def _resolve(key: str, value: Any, base: Path) -> Any:
+    if key in PATH_KEYS and isinstance(value, str):
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    return value

@@ -1,0 +1,111 @@
+"""Per-epoch validation: the student on a fixed set of labelled validation slices, scored by qmedsam.evaluate.
+
+The slices are spread evenly over every labelled validation file of the tree (its manifest's split), each
+treated as a 2D case: the tight box of every label on the slice is a prompt, the prediction goes through
+the same segmentation code as `qmedsam predict` (`deploy.segment`, PyTorch engine), and DSC / NSD follow
+the challenge rule for 2D (`evaluate.metrics.evaluate_arrays`). A fixed subset keeps an epoch's validation
+affordable on a CPU (`val_max_slices`); it is a proxy for, not a replacement of, a full `qmedsam evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qmedsam.data.cases import Case, load_npz
+from qmedsam.data.demo import extent_ok, relabel
+from qmedsam.errors import UserFacingError
+from qmedsam.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+MIN_LABEL_PIXELS = 10
+
+
+@dataclass
+class ValidationSlice:
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    boxes: np.ndarray  # (K, 4) x0 y0 x1 y1
+    gts: np.ndarray  # (H, W) labels 1..K
+
+
+def _slice_case(name: str, image: np.ndarray, labels: np.ndarray) -> ValidationSlice | None:
+    ids = [int(i) for i in np.unique(labels) if i > 0]
+    kept = [i for i in ids if np.count_nonzero(labels == i) >= MIN_LABEL_PIXELS and extent_ok(labels == i)]
+    if not kept:
+        return None
+    gts = relabel(labels, kept)
+    boxes = []
+    for label in range(1, len(kept) + 1):
+        ys, xs = np.nonzero(gts == label)
+        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
+    return ValidationSlice(name, rgb, np.asarray(boxes, dtype=np.int64), gts)
+
+
+def validation_slices(root: Path, split: str, limit: int | None) -> list[ValidationSlice]:
+    """Up to `limit` labelled slices of the split, taken in turn from each file, evenly over its extent."""
+    manifest_path = Path(root) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserFacingError(f"{manifest_path}: validation needs the tree's manifest ({exc})") from None
+    entries = [e for e in manifest.get("cases", []) if e.get("split") == split and e.get("labelled")]
+    if not entries:
+        raise UserFacingError(f"{manifest_path}: no labelled files in split {split!r} to validate on")
+    per_file: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    for entry in entries:
+        arrays = load_npz(Path(root) / entry["file"])
+        imgs, gts = arrays["imgs"], arrays["gts"]
+        if entry["dimension"] == 2:
+            per_file.append([(entry["file"], imgs, gts)])
+            continue
+        zs = np.flatnonzero(gts.reshape(gts.shape[0], -1).any(axis=1))
+        budget = len(zs) if limit is None else max(1, -(-limit // len(entries)))
+        picks = zs[np.linspace(0, len(zs) - 1, min(budget, len(zs))).round().astype(int)]
+        per_file.append([(f"{entry['file']}:{z}", imgs[z], gts[z]) for z in picks])
+    slices: list[ValidationSlice] = []
+    while any(per_file) and (limit is None or len(slices) < limit):
+        for queue in per_file:
+            if queue and (limit is None or len(slices) < limit):
+                made = _slice_case(*queue.pop(0))
+                if made is not None:
+                    slices.append(made)
+    return slices
+
+
+class ValidationSet:
+    """The fixed validation slices of a run; `score(model)` -> {"dsc", "nsd", "val_slices", "val_objects"}."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.slices = validation_slices(Path(config.data_root), config.val_split, config.val_max_slices)
+        log.info("validation: %d slices, %d objects", len(self.slices), sum(len(s.boxes) for s in self.slices))
+
+    def score(self, model) -> dict[str, float]:
+        import torch
+
+        from qmedsam.deploy.runtime import TorchEngine
+        from qmedsam.deploy.segment import segment_2d
+        from qmedsam.evaluate.metrics import evaluate_arrays
+
+        engine = TorchEngine(model)
+        dscs, nsds = [], []
+        with torch.no_grad():
+            for item in self.slices:
+                name = item.name.replace("/", "_").replace(":", "_z")
+                case = Case(path=Path(name), dimension=2, image=item.image, boxes=item.boxes)
+                pred = segment_2d(engine, case)
+                _, dsc, nsd, _ = evaluate_arrays(item.gts, pred, dimension=2)
+                dscs.append(dsc)
+                nsds.append(nsd)
+        return {
+            "dsc": float(np.mean(dscs)),
+            "nsd": float(np.mean(nsds)),
+            "val_slices": len(self.slices),
+            "val_objects": int(sum(len(s.boxes) for s in self.slices)),
+        }

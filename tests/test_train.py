@@ -1,0 +1,198 @@
+"""`qmedsam train` on the real training tree: config validation, the loss, DDP under torchrun, exact resume.
+
+The runs are real (Brevitas fake-quant LiteMedSAM, the fp32 teacher, real slices) but a few steps long:
+each stage of the chain under a 2-process gloo torchrun, and a single-process stage killed mid-epoch and
+resumed. They run in subprocesses with one thread each, so the test process keeps its own settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmedsam.train.config import ConfigError, TrainConfig, load_config
+from qmedsam.train.loop import lr_factor
+from qmedsam.train.losses import mask_iou, qmedsam_loss, segmentation_loss
+from qmedsam.train.progress import read_metrics
+
+REPO = Path(__file__).parent.parent
+STAGES = REPO / "configs" / "train"
+SMALL = ["batch_size=1", "num_workers=0", "threads=1", "calib_slices=2", "val_max_slices=2"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _qmedsam(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qmedsam", *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO
+    )
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def test_stage_files_load_and_follow_the_seed_protocol():
+    configs = {n: load_config(STAGES / f) for n, f in enumerate(sorted(p.name for p in STAGES.glob("stage*.yaml")), 1)}
+    assert [c.stage for c in configs.values()] == [1, 2, 3]
+    one, two, three = configs[1], configs[2], configs[3]
+    assert (one.quantize_encoder, one.quantize_decoder, one.train_encoder, one.train_decoder, one.teacher) == (
+        True, False, True, False, True,
+    )  # fmt: skip
+    assert (two.quantize_decoder, two.train_encoder, two.train_decoder, two.teacher) == (True, False, True, False)
+    assert (three.train_encoder, three.train_decoder, three.teacher) == (True, True, True)
+    assert not any(c.train_prompt_encoder for c in configs.values())
+    assert (one.lr, one.momentum, one.warmup_epochs, one.cosine_epochs, one.extra_epochs) == (0.01, 0.9, 5, 10, 1)
+    assert Path(one.data_root).is_absolute() and Path(one.quant_spec).is_file()
+    overridden = load_config(STAGES / "stage1_quant_encoder.yaml", ["max_steps=5", "teacher=false", "out_dir=x"])
+    assert overridden.max_steps == 5 and overridden.teacher is False
+    assert overridden.out_dir == str(Path.cwd() / "x")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["bbox_shfit=5"], "unknown key(s) 'bbox_shfit' (did you mean 'bbox_shift'?)"),
+        (["lr=fast"], "key 'lr' must be a number, got 'fast'"),
+        (["sampler_strategy=Half"], "key 'sampler_strategy' must be one of ['Min', 'OneTenth', 'All'] or an integer"),
+        (["max_steps"], "expected key=value"),
+        (["train_encoder=false", "train_decoder=false"], "nothing to train"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(STAGES / "stage1_quant_encoder.yaml", overrides)
+    assert expected in str(info.value)
+
+
+def test_cli_names_a_misspelt_key(tmp_path):
+    bad = tmp_path / "stage.yaml"
+    bad.write_text((STAGES / "stage2_quant_decoder.yaml").read_text() + "warmup_epoch: 3\n")
+    result = _qmedsam("train", "--config", str(bad), timeout=120)
+    assert result.returncode == 2
+    assert f"{bad}: unknown key(s) 'warmup_epoch' (did you mean 'warmup_epochs'?)" in result.stderr
+
+
+def test_lr_schedule_is_the_seeds():
+    config = TrainConfig()
+    factors = [lr_factor(e, config) for e in range(config.epochs)]
+    assert len(factors) == 16 and factors[0] == pytest.approx(0.01) and factors[5] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(factors[5:15], factors[6:15], strict=False))
+    assert factors[15] == pytest.approx(0.001)
+
+
+# --- loss -----------------------------------------------------------------------------------------------
+
+
+def test_loss_is_the_seeds_per_sample_with_per_sample_distillation():
+    from monai.losses import DiceLoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 32, 32, generator=gen)
+    masks = (torch.rand(3, 1, 32, 32, generator=gen) > 0.6).to(torch.uint8)
+    seed_batch = DiceLoss(sigmoid=True, squared_pred=True)(logits, masks.float())
+    seed_batch = seed_batch + torch.nn.BCEWithLogitsLoss()(logits, masks.float())
+    assert segmentation_loss(logits, masks).mean().item() == pytest.approx(seed_batch.item(), rel=1e-6)
+
+    labelled = torch.tensor([True, True, False])
+    student, teacher = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    teacher_logits = torch.randn(3, 1, 32, 32, generator=gen)
+    parts = qmedsam_loss(logits, masks, labelled, student, teacher, teacher_logits)
+    iou = mask_iou(teacher_logits > 0, masks)
+    mse = (student - teacher).pow(2).mean(1)
+    assert torch.allclose(parts.distillation[:2], iou[:2] * mse[:2])  # weighted by each sample's own IoU
+    assert parts.distillation[2] == pytest.approx(mse[2].item())  # unlabelled: the teacher is the target
+    unlabelled_target = segmentation_loss(logits[2:], (teacher_logits[2:] > 0).to(torch.uint8))
+    assert parts.segmentation[2] == pytest.approx(unlabelled_target.item())
+    no_teacher = qmedsam_loss(logits, masks, labelled)
+    assert no_teacher.total.item() == pytest.approx(segmentation_loss(logits[:2], masks[:2]).mean().item())
+
+
+# --- real runs ------------------------------------------------------------------------------------------
+
+
+def _torchrun(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qmedsam"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+
+
+def test_three_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tmp_path: Path):
+    """The chain 1 -> 2 -> 3 for one step each on two gloo ranks; every stage starts from the previous one."""
+    out = tmp_path / "chain"
+    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=1", *SMALL]
+    result = _torchrun("train", "--stages", "1,2,3", "--set", *sets)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage, calibrated in ((1, ["image_encoder"]), (2, ["mask_decoder"]), (3, [])):
+        folder = out / f"stage{stage}"
+        init = torch.load(folder / "init.pt", map_location="cpu", weights_only=True)["init"]
+        assert init["calibrated_parts"] == calibrated, init
+        if stage > 1:
+            assert init["init"] == str(out / f"stage{stage - 1}" / "last.pt")
+        steps, _ = read_metrics(folder / "metrics.jsonl")
+        assert sorted(steps) == [1] and np.isfinite(steps[1]["loss"])
+        sync = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()][-1]
+        assert sync["type"] == "sync" and len(sync["rank_digests"]) == 2
+        assert len(set(sync["rank_digests"])) == 1  # both ranks hold identical parameters after the step
+        checkpoint = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+        assert checkpoint["run"]["step"] == 1 and checkpoint["sampler"]["world_size"] == 2
+    # The chain's output exports directly (stage 3 quantizes encoder and decoder, the default spec).
+    assert "stage 3: best checkpoint" in result.stdout
+
+
+def test_killed_run_resumes_on_the_uninterrupted_trajectory(train_tree_dir: Path, tmp_path: Path):
+    """Stage 2 (decoder QAT, 2 epochs of 2 steps, validated each epoch): run straight through, then run again,
+    SIGKILL it after its step-2 checkpoint (mid-epoch or at the epoch end), resume, and compare."""
+    sets = [
+        f"data_root={train_tree_dir}",
+        "init_checkpoint=null",
+        "sampler_strategy=2",
+        "warmup_epochs=1",
+        "cosine_epochs=1",
+        "extra_epochs=0",
+        "checkpoint_every_steps=1",
+        *SMALL,
+    ]
+    config = str(STAGES / "stage2_quant_decoder.yaml")
+    straight = tmp_path / "straight"
+    result = _qmedsam("train", "--config", config, "--set", *sets, f"out_dir={straight}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference_steps, reference_epochs = read_metrics(straight / "metrics.jsonl")
+    assert sorted(reference_steps) == [1, 2, 3, 4] and len(reference_epochs) == 2
+    assert all(0.0 <= e["dsc"] <= 1.0 for e in reference_epochs) and (straight / "best.pt").is_file()
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "qmedsam", "train", "--config", config, "--set", *sets, f"out_dir={killed}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            last = killed / "last.pt"
+            if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["run"]["step"] >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    stopped_at = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)["run"]
+    assert 2 <= stopped_at["step"] < 4
+    result = _qmedsam("train", "--config", config, "--set", *sets, f"out_dir={killed}", "--resume", str(last))
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps, epochs = read_metrics(killed / "metrics.jsonl")
+    assert sorted(steps) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert steps[step]["loss"] == pytest.approx(reference_steps[step]["loss"], rel=1e-5, abs=1e-7), step
+        assert steps[step]["lr"] == pytest.approx(reference_steps[step]["lr"])
+    assert [round(e["dsc"], 6) for e in epochs[-2:]] == [round(e["dsc"], 6) for e in reference_epochs]
