@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """Undo the SIGCHLD handler a DataLoader with workers leaves behind.
+
+    OpenVINO 2026.4's CPU plugin installs an alternate signal stack on the thread that compiles a model and
+    leaves it pointing at freed memory once the model is gone (seen with gdb: `sigaltstack` calls from
+    libopenvino_intel_cpu_plugin.so). Python installs its handlers with SA_ONSTACK, so the next SIGCHLD
+    (any `subprocess.run`) after torch's DataLoader set its SIGCHLD handler was delivered onto that stack and
+    the test process died (SIGSEGV, si_code SI_KERNEL). Production commands never mix the two in one process.
+    """
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, before)
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._SIGCHLD_handler_set = False  # torch re-installs it on its next worker start
 
 
 @pytest.fixture(scope="session")
