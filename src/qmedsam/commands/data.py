@@ -30,16 +30,7 @@ def register(subparsers) -> None:
             "origin of every case. 3D spacing is stored in array order (z, y, x), in mm."
         ),
     )
-    demo.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the dataset to")
-    demo.add_argument(
-        "--cache",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder for the downloaded archives (default: $QMEDSAM_CACHE/sources, else "
-        "${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources)",
-    )
-    demo.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a complete build")
+    _add_build_arguments(demo, "dataset")
     demo.set_defaults(func=run_demo)
     train = actions.add_parser(
         "train",
@@ -53,15 +44,7 @@ def register(subparsers) -> None:
             "Prints per split and modality the source volumes, files, 2D samples and labelled objects."
         ),
     )
-    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the tree to")
-    train.add_argument(
-        "--cache",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder for the downloaded archives (default as for `data demo`)",
-    )
-    train.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a complete build")
+    _add_build_arguments(train, "tree")
     train.set_defaults(func=run_train)
 
     def _no_action(args) -> int:
@@ -71,29 +54,38 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_no_action)
 
 
-def run_demo(args) -> int:
-    from qmedsam.data.demo import build_demo, is_complete, summarize
+def _add_build_arguments(parser, what: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help=f"folder to write the {what} to")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the downloaded archives (default: $QMEDSAM_CACHE/sources, else "
+        "${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources)",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a complete build")
 
+
+def _report(build, is_complete, summarize, args) -> int:
     start = time.perf_counter()
     skipped = not args.force and is_complete(args.out)
-    out_dir = build_demo(args.out, args.cache, force=args.force)
+    out_dir = build(args.out, args.cache, force=args.force)
     print(summarize(out_dir))
     if skipped:
         print("  already complete: nothing rebuilt (--force rebuilds)")
     else:
         print(f"  built in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def run_demo(args) -> int:
+    from qmedsam.data.demo import build_demo, is_complete, summarize
+
+    return _report(build_demo, is_complete, summarize, args)
 
 
 def run_train(args) -> int:
     from qmedsam.data.train_tree import build_train_tree, is_complete, summarize
 
-    start = time.perf_counter()
-    skipped = not args.force and is_complete(args.out)
-    out_dir = build_train_tree(args.out, args.cache, force=args.force)
-    print(summarize(out_dir))
-    if skipped:
-        print("  already complete: nothing rebuilt (--force rebuilds)")
-    else:
-        print(f"  built in {time.perf_counter() - start:.1f} s")
-    return 0
+    return _report(build_train_tree, is_complete, summarize, args)

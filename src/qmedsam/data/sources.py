@@ -45,6 +45,20 @@ class Source:
         return f"{self.package}=={self.version}"
 
 
+# The one platform wheel pinned for packages whose data files are the same in every platform's wheel.
+_CP311_LINUX_WHEEL = (
+    "--only-binary",
+    ":all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
+
 SOURCES: dict[str, Source] = {
     "totalsegmentator": Source(
         key="totalsegmentator",
@@ -67,18 +81,7 @@ SOURCES: dict[str, Source] = {
         # The data files are the same in every platform's wheel; one wheel is pinned so the bytes are too.
         filename="stardist-0.9.2-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
         sha256="2316c0feb7bd5621e7a277cb3868df475c338943c591925c420ee3622c42f023",
-        pip_args=(
-            "--only-binary",
-            ":all:",
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--python-version",
-            "3.11",
-            "--implementation",
-            "cp",
-            "--abi",
-            "cp311",
-        ),
+        pip_args=_CP311_LINUX_WHEEL,
         licence=(
             "BSD-3-Clause (stardist); the image and mask come from the 2018 Data Science Bowl "
             "(BBBC038v1, Caicedo et al., Nature Methods 2019), released under CC0 1.0"
@@ -117,18 +120,7 @@ SOURCES: dict[str, Source] = {
         # The data files are the same in every platform's wheel; one wheel is pinned so the bytes are too.
         filename="scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
         sha256="74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
-        pip_args=(
-            "--only-binary",
-            ":all:",
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--python-version",
-            "3.11",
-            "--implementation",
-            "cp",
-            "--abi",
-            "cp311",
-        ),
+        pip_args=_CP311_LINUX_WHEEL,
         licence=(
             "BSD-3-Clause (scikit-image); per skimage.data's docstrings: retina.jpg CC0 1.0 (Wikimedia, "
             "M. Haggstrom), microaneurysms.png CC0 (HRF database, A. Maier), cell.png CC0 (P. Mueller et al.), "

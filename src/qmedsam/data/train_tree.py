@@ -324,28 +324,103 @@ def _dicom_series(raw: dict[str, bytes], members: list[str]) -> tuple[np.ndarray
     return volume, (float(steps[0]), row, col)
 
 
+@dataclass(frozen=True)
+class _VolumeSpec:
+    """One TotalSegmentator image with the label files on its grid."""
+
+    image: str
+    labels: tuple[str, ...]
+    stem: str
+    modality: str
+    split: str
+    source_volume: str
+    detail: str
+    masks: str  # a class_map task ("total", "total_mr") or "binary" (one mask per file)
+
+
+_DEMO_CT = "totalsegmentator:example_ct (patient of the demo CT cases)"
+_REPORT_CT = "totalsegmentator:aorta_report/example_ct (aorta and pulmonary report patient)"
+_TS_VOLUMES = (
+    _VolumeSpec(
+        _REF + "example_ct.nii.gz",
+        (_REF + "example_seg_fast_force_split.nii.gz",),
+        "example-ct-total-fast",
+        "CT",
+        "validation",
+        _DEMO_CT,
+        "'total' task, fast model, force-split run (all classes)",
+        "total",
+    ),
+    _VolumeSpec(
+        _REF + "example_ct_sm.nii.gz",
+        (_REF + "example_seg.nii.gz",),
+        "example-ct-sm-total",
+        "CT",
+        "validation",
+        _DEMO_CT,
+        "'total' task (all classes)",
+        "total",
+    ),
+    _VolumeSpec(
+        _REF + "example_ct_sm.nii.gz",
+        tuple(f"{_REF}example_seg_tissue_types/{t}.nii.gz" for t in _TISSUES),
+        "example-ct-sm-tissue",
+        "CT",
+        "validation",
+        _DEMO_CT,
+        "'tissue_types' task",
+        "binary",
+    ),
+    _VolumeSpec(
+        _REF + "example_mr_sm.nii.gz",
+        (_REF + "example_seg_mr.nii.gz",),
+        "example-mr-sm-total",
+        "MR",
+        "validation",
+        "totalsegmentator:example_mr (patient of the demo MR case)",
+        "'total_mr' task (all classes)",
+        "total_mr",
+    ),
+    _VolumeSpec(
+        _REF + "aorta_report/example_ct.nii.gz",
+        (_PULM + "heart.nii.gz",),
+        "report-ct-heart",
+        "CT",
+        "train",
+        _REPORT_CT,
+        "pulmonary report's heart mask on the whole report CT",
+        "binary",
+    ),
+    _VolumeSpec(
+        _AORTA + "ct_cropped.nii.gz",
+        tuple(f"{_AORTA}{m}.nii.gz" for m in _AORTA_MASKS),
+        "report-ct-aorta-crop",
+        "CT",
+        "train",
+        _REPORT_CT,
+        "aorta report models on the report's cropped CT (every mask it ships)",
+        "binary",
+    ),
+    _VolumeSpec(
+        _PULM + "ct_cropped.nii.gz",
+        tuple(f"{_PULM}{m}.nii.gz" for m in _PULM_MASKS),
+        "report-ct-pulmonary-crop",
+        "CT",
+        "train",
+        _REPORT_CT,
+        "pulmonary report models on the report's cropped CT (every mask it ships)",
+        "binary",
+    ),
+)
+
+
 def _totalseg_cases(archive: Path) -> list[TreeCase]:
     from qmedsam.data.sources import read_member_names
 
     dicom_members = sorted(n for n in read_member_names(archive) if n.startswith(_DICOM_SERIES) and n != _DICOM_SERIES)
-    wanted = [
-        _CLASS_MAP,
-        _REF + "example_ct.nii.gz",
-        _REF + "example_seg_fast_force_split.nii.gz",
-        _REF + "example_ct_sm.nii.gz",
-        _REF + "example_seg.nii.gz",
-        *[f"{_REF}example_seg_tissue_types/{t}.nii.gz" for t in _TISSUES],
-        _REF + "example_mr_sm.nii.gz",
-        _REF + "example_seg_mr.nii.gz",
-        _REF + "aorta_report/example_ct.nii.gz",
-        _PULM + "heart.nii.gz",
-        _AORTA + "ct_cropped.nii.gz",
-        *[f"{_AORTA}{m}.nii.gz" for m in _AORTA_MASKS],
-        _PULM + "ct_cropped.nii.gz",
-        *[f"{_PULM}{m}.nii.gz" for m in _PULM_MASKS],
-        _REF + "example_seg_dicom.nii.gz",
-        *dicom_members,
-    ]
+    wanted = [_CLASS_MAP, _REF + "example_seg_dicom.nii.gz", *dicom_members]
+    for spec in _TS_VOLUMES:
+        wanted += [m for m in (spec.image, *spec.labels) if m not in wanted]
     raw = read_members(archive, wanted)
     class_map = ts_class_map(raw[_CLASS_MAP])
     cases: list[TreeCase] = []
@@ -384,78 +459,18 @@ def _totalseg_cases(archive: Path) -> list[TreeCase]:
             return [(stem, labels == 1)]
         return _class_masks(labels, None, prefix=f"{stem}:")
 
-    demo_ct = "totalsegmentator:example_ct (patient of the demo CT cases)"
-    volume(
-        _REF + "example_ct.nii.gz",
-        [_REF + "example_seg_fast_force_split.nii.gz"],
-        stem="example-ct-total-fast",
-        modality="CT",
-        split="validation",
-        source_volume=demo_ct,
-        detail="'total' task, fast model, force-split run (all classes)",
-        mask_fn=total("total"),
-    )
-    volume(
-        _REF + "example_ct_sm.nii.gz",
-        [_REF + "example_seg.nii.gz"],
-        stem="example-ct-sm-total",
-        modality="CT",
-        split="validation",
-        source_volume=demo_ct,
-        detail="'total' task (all classes)",
-        mask_fn=total("total"),
-    )
-    volume(
-        _REF + "example_ct_sm.nii.gz",
-        [f"{_REF}example_seg_tissue_types/{t}.nii.gz" for t in _TISSUES],
-        stem="example-ct-sm-tissue",
-        modality="CT",
-        split="validation",
-        source_volume=demo_ct,
-        detail="'tissue_types' task",
-        mask_fn=binary,
-    )
-    volume(
-        _REF + "example_mr_sm.nii.gz",
-        [_REF + "example_seg_mr.nii.gz"],
-        stem="example-mr-sm-total",
-        modality="MR",
-        split="validation",
-        source_volume="totalsegmentator:example_mr (patient of the demo MR case)",
-        detail="'total_mr' task (all classes)",
-        mask_fn=total("total_mr"),
-    )
-    aorta_patient = "totalsegmentator:aorta_report/example_ct (aorta and pulmonary report patient)"
-    volume(
-        _REF + "aorta_report/example_ct.nii.gz",
-        [_PULM + "heart.nii.gz"],
-        stem="report-ct-heart",
-        modality="CT",
-        split="train",
-        source_volume=aorta_patient,
-        detail="pulmonary report's heart mask on the whole report CT",
-        mask_fn=binary,
-    )
-    volume(
-        _AORTA + "ct_cropped.nii.gz",
-        [f"{_AORTA}{m}.nii.gz" for m in _AORTA_MASKS],
-        stem="report-ct-aorta-crop",
-        modality="CT",
-        split="train",
-        source_volume=aorta_patient,
-        detail="aorta report models on the report's cropped CT (every mask it ships)",
-        mask_fn=binary,
-    )
-    volume(
-        _PULM + "ct_cropped.nii.gz",
-        [f"{_PULM}{m}.nii.gz" for m in _PULM_MASKS],
-        stem="report-ct-pulmonary-crop",
-        modality="CT",
-        split="train",
-        source_volume=aorta_patient,
-        detail="pulmonary report models on the report's cropped CT (every mask it ships)",
-        mask_fn=binary,
-    )
+    for spec in _TS_VOLUMES:
+        mask_fn = binary if spec.masks == "binary" else total(spec.masks)
+        volume(
+            spec.image,
+            list(spec.labels),
+            stem=spec.stem,
+            modality=spec.modality,
+            split=spec.split,
+            source_volume=spec.source_volume,
+            detail=spec.detail,
+            mask_fn=mask_fn,
+        )
     # The CT DICOM series and its segmentation (a NIfTI on the series' grid).
     hu, spacing = _dicom_series(raw, dicom_members)
     seg_member = _REF + "example_seg_dicom.nii.gz"
