@@ -91,7 +91,11 @@ def run(args) -> int:
             config = dataclasses.replace(config, out_dir=str(Path(config.out_dir) / f"stage{stage}"))
         if previous is not None:
             config = dataclasses.replace(config, init_checkpoint=str(previous))
-        previous = train(config)
+        previous = train(config, keep_process_group=True)
         if dist_env().is_main:
             print(f"stage {stage}: best checkpoint {previous}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

@@ -288,8 +288,12 @@ def _batch_indices(sampler, start_batch: int, batch_size: int) -> list[list[int]
     return batches[start_batch:]
 
 
-def train(config: TrainConfig, resume: Path | None = None) -> Path:
-    """Run one stage; returns the best (or, without validation, the last) checkpoint of rank 0."""
+def train(config: TrainConfig, resume: Path | None = None, keep_process_group: bool = False) -> Path:
+    """Run one stage; returns the best (or, without validation, the last) checkpoint of rank 0.
+
+    Under torchrun the process group is created on first use; it is destroyed at the end unless
+    `keep_process_group` (a chain of stages keeps one group: re-creating it on torchrun's store can hang).
+    """
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
@@ -451,5 +455,5 @@ def train(config: TrainConfig, resume: Path | None = None) -> Path:
         barrier(env)
         return best_path if best_path.is_file() else last_path
     finally:
-        if env.distributed and dist.is_initialized():
+        if env.distributed and dist.is_initialized() and not keep_process_group:
             dist.destroy_process_group()
