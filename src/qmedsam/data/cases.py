@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 
@@ -206,34 +207,30 @@ def read_ground_truth(path: str | os.PathLike, key: str = "gts") -> np.ndarray:
     return labels
 
 
-def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> Path:
-    """Write an npz via a temporary file in the same folder and rename it, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            (np.savez_compressed if compressed else np.savez)(handle, **arrays)
-        _publish(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write bytes via a temporary file and rename (used for PNG, CSV and JSON outputs)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(handle)` on a temporary file in the same folder, then rename it into place, so readers
+    never see half a file (the one mechanism behind every qmedsam output: npz, npy, JSON, PNG, checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            write(handle)
         _publish(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> Path:
+    """Write an npz atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda handle: (np.savez_compressed if compressed else np.savez)(handle, **arrays))
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write bytes atomically (used for PNG, CSV and JSON outputs)."""
+    return atomic_write(path, lambda handle: handle.write(payload))
 
 
 def write_segmentation(out_dir: str | os.PathLike, case_name: str, segs: np.ndarray) -> Path:

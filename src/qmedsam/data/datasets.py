@@ -89,6 +89,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from qmedsam.data.cases import atomic_write, atomic_write_bytes
 from qmedsam.data.preprocess import MODEL_SIZE, Geometry, geometry_for, mask_box, preprocess_image, resize_mask
 from qmedsam.deploy.runtime import default_cache_root
 
@@ -201,29 +202,11 @@ def mod_sample_counts(mod_sample: ModSample, sizes: Sequence[int], names: Sequen
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save via a temporary file in the same folder and os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def _save_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
 
 
 def _dir_writable(folder: Path) -> bool:

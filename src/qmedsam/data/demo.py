@@ -46,7 +46,6 @@ import ast
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import atomic_savez, atomic_write_bytes, segmentation_dtype
-from qmedsam.data.sources import DEMO_SOURCES, SOURCES, fetch_sources
+from qmedsam.data.sources import DEMO_SOURCES, SOURCES, ensure_writable_dir, fetch_sources
 from qmedsam.data.sources import ct_to_uint8 as _ct_to_uint8
 from qmedsam.data.sources import load_nifti as _load_nifti
 from qmedsam.data.sources import member_record as _member_record
@@ -533,12 +532,7 @@ def build_demo(out_dir: Path, cache_dir: Path | None = None, *, force: bool = Fa
         log.info("%s already holds a complete demo build; skipping (force to rebuild)", out_dir)
         return out_dir
     start = time.perf_counter()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserFacingError(f"cannot create {out_dir} ({exc}); pass a writable --out") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserFacingError(f"cannot write to {out_dir}; pass a writable --out")
+    ensure_writable_dir(out_dir)
     archives = fetch_sources(cache_dir)
     fetched = time.perf_counter()
     cases = _build_cases(archives)

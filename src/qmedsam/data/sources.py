@@ -133,6 +133,16 @@ SOURCES: dict[str, Source] = {
 DEMO_SOURCES = ("totalsegmentator", "stardist", "nilearn")
 
 
+def ensure_writable_dir(out_dir: Path) -> None:
+    """Create a builder's output folder, or fail naming it (`--out` is the flag that chose it)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserFacingError(f"cannot create {out_dir} ({exc}); pass a writable --out") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserFacingError(f"cannot write to {out_dir}; pass a writable --out")
+
+
 def default_cache_dir() -> Path:
     """`$QMEDSAM_CACHE/sources`, else `${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources`."""
     from qmedsam.deploy.runtime import default_cache_root

@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from qmedsam.data.sources import (
     SOURCES,
     Source,
     ct_to_uint8,
+    ensure_writable_dir,
     fetch_sources,
     load_nifti,
     member_record,
@@ -760,12 +760,7 @@ def build_train_tree(out_dir: Path, cache_dir: Path | None = None, *, force: boo
         log.info("%s already holds a complete training tree; skipping (force to rebuild)", out_dir)
         return out_dir
     start = time.perf_counter()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserFacingError(f"cannot create {out_dir} ({exc}); pass a writable --out") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserFacingError(f"cannot write to {out_dir}; pass a writable --out")
+    ensure_writable_dir(out_dir)
     archives = fetch_sources(cache_dir, TRAIN_SOURCES)
     cases = _build_cases(archives)
     names = [c.file for c in cases]

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,16 +113,9 @@ def lr_factor(epoch: int, config: TrainConfig) -> float:
 
 
 def atomic_torch_save(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from qmedsam.data.cases import atomic_write
+
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -333,7 +325,8 @@ def train(config: TrainConfig, resume: Path | None = None, keep_process_group: b
             start_state = resume_state
         from qmedsam.model import quant
 
-        model = quant.build_quantized(quant_spec_for(config) if quant_spec_for(config).enabled else None)
+        spec = quant_spec_for(config)
+        model = quant.build_quantized(spec if spec.enabled else None)
         model.load_state_dict(start_state["model"], strict=True)
         model.to(device)
         params = set_trainable(model, config)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qmedsam.data.cases import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -102,10 +104,8 @@ class RunLog:
         right.set_ylabel("validation")
         right.legend()
         fig.tight_layout()
-        tmp = self.out_dir / ".curves.png.tmp"
-        fig.savefig(tmp, format="png", dpi=100)
+        atomic_write(self.out_dir / "curves.png", lambda handle: fig.savefig(handle, format="png", dpi=100))
         plt.close(fig)
-        tmp.replace(self.out_dir / "curves.png")
 
     def close(self) -> None:
         if self.bar is not None:

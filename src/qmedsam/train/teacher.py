@@ -10,13 +10,12 @@ weights never reuse a stale embedding; writes are atomic, so concurrent ranks an
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qmedsam.data.cases import atomic_write
 from qmedsam.data.sources import sha256_file
 from qmedsam.model.litemedsam import LiteMedSAM, load_pretrained_litemedsam
 
@@ -63,22 +62,11 @@ class Teacher:
             for j, i in enumerate(todo):
                 out[i] = computed[j]
                 if entries[i] is not None:
-                    _atomic_save(entries[i], computed[j].numpy().astype(np.float16))
+                    half = computed[j].numpy().astype(np.float16)
+                    atomic_write(entries[i], lambda handle, a=half: np.save(handle, a, allow_pickle=False))
         return torch.stack([t for t in out if t is not None]).to(self.device)
 
     @torch.no_grad()
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """One box per embedding: (B, 256, 64, 64) + (B, 4) -> logits (B, 1, S, S)."""
         return self.model.decode(embeddings.to(self.device), boxes.to(self.device))[0]
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

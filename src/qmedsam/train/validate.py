@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import Case, load_npz
-from qmedsam.data.demo import extent_ok, relabel
+from qmedsam.data.demo import extent_ok, relabel, tight_boxes
 from qmedsam.errors import UserFacingError
 from qmedsam.train.config import TrainConfig
 
@@ -40,12 +40,9 @@ def _slice_case(name: str, image: np.ndarray, labels: np.ndarray) -> ValidationS
     if not kept:
         return None
     gts = relabel(labels, kept)
-    boxes = []
-    for label in range(1, len(kept) + 1):
-        ys, xs = np.nonzero(gts == label)
-        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    boxes = tight_boxes(gts, len(kept))
     rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    return ValidationSlice(name, rgb, np.asarray(boxes, dtype=np.int64), gts)
+    return ValidationSlice(name, rgb, boxes, gts)
 
 
 def validation_slices(root: Path, split: str, limit: int | None) -> list[ValidationSlice]:
