@@ -50,10 +50,23 @@ def test_demo_end_to_end_with_report_and_timing(demo_dir: Path, tmp_path: Path, 
             writer.writerow([name, name[:2], "", 1, 1.0 + i, "ok", ""])
         writer.writerow(["3D_XX_gone.npz", "3D", "XX", 1, 99.0, "error", "boom"])
     report = tmp_path / "report"
-    code = main([
-        "evaluate", "--pred", str(pred_dir), "--gt", str(demo_dir / "gts"), "--images", str(demo_dir / "cases"),
-        "--report", str(report), "--workers", "2", "--worst", "2",
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(pred_dir),
+            "--gt",
+            str(demo_dir / "gts"),
+            "--images",
+            str(demo_dir / "cases"),
+            "--report",
+            str(report),
+            "--workers",
+            "2",
+            "--worst",
+            "2",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     for column in ("modality", "cases", "objects", "DSC", "NSD", "median s/case"):
@@ -88,13 +101,25 @@ def test_demo_end_to_end_with_report_and_timing(demo_dir: Path, tmp_path: Path, 
     assert all(f"figures/{f}" in html for f in figures)
 
 
-def test_perfect_predictions_score_one_and_results_go_next_to_predictions(demo_dir: Path, tmp_path: Path,
-                                                                          capsys) -> None:
+def test_perfect_predictions_score_one_and_results_go_next_to_predictions(
+    demo_dir: Path, tmp_path: Path, capsys
+) -> None:
     pred_dir = tmp_path / "pred"
     for gt_path in (demo_dir / "gts").glob("*.npz"):
         _write(pred_dir / gt_path.name, segs=read_ground_truth(gt_path))
-    code = main(["evaluate", "--pred", str(pred_dir), "--gt", str(demo_dir / "gts"),
-                 "--images", str(demo_dir / "cases"), "--workers", "1"])
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(pred_dir),
+            "--gt",
+            str(demo_dir / "gts"),
+            "--images",
+            str(demo_dir / "cases"),
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     summary = json.loads((pred_dir / "summary.json").read_text())
     assert summary["overall"]["dsc"] == pytest.approx(1.0) and summary["overall"]["nsd"] == pytest.approx(1.0)
@@ -166,8 +191,20 @@ def test_spacing_sources_and_order(tmp_path: Path, capsys) -> None:
     _write(tmp_path / "imgs" / "3D_CT_a_0001.npz", imgs=np.zeros(gt.shape, np.uint8), spacing=np.array([0.8, 0.8, 3.0]))
 
     def nsd(*extra: str) -> float:
-        code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gts"), "--images",
-                     str(tmp_path / "imgs"), "--workers", "1", *extra])
+        code = main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--gt",
+                str(tmp_path / "gts"),
+                "--images",
+                str(tmp_path / "imgs"),
+                "--workers",
+                "1",
+                *extra,
+            ]
+        )
         assert code == 0
         return json.loads((tmp_path / "pred" / "summary.json").read_text())["cases"][0]["nsd"]
 
@@ -185,8 +222,13 @@ def test_spacing_sources_and_order(tmp_path: Path, capsys) -> None:
 
 def test_per_label_rule_and_parallel_workers_agree(tmp_path: Path, capsys) -> None:
     gt_dir, pred_dir, _ = _small_set(tmp_path)
-    for name in ("2D_Test_missing_0001.npz", "2D_Test_shape_0001.npz", "3D_CT_nan_0001.npz",
-                 "3D_MR_nospacing_0001.npz", "2D_Test_key_0001.npz"):
+    for name in (
+        "2D_Test_missing_0001.npz",
+        "2D_Test_shape_0001.npz",
+        "3D_CT_nan_0001.npz",
+        "3D_MR_nospacing_0001.npz",
+        "2D_Test_key_0001.npz",
+    ):
         (gt_dir / name).unlink()
         (pred_dir / name).unlink(missing_ok=True)
     (pred_dir / "2D_Test_extra_0001.npz").unlink()
@@ -194,8 +236,24 @@ def test_per_label_rule_and_parallel_workers_agree(tmp_path: Path, capsys) -> No
     for rule in ("challenge", "per-label"):
         for workers in ("1", "2"):
             out = tmp_path / f"{rule}-{workers}"
-            assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out),
-                         "--nsd-rule", rule, "--workers", workers]) == 0
+            assert (
+                main(
+                    [
+                        "evaluate",
+                        "--pred",
+                        str(pred_dir),
+                        "--gt",
+                        str(gt_dir),
+                        "--out",
+                        str(out),
+                        "--nsd-rule",
+                        rule,
+                        "--workers",
+                        workers,
+                    ]
+                )
+                == 0
+            )
             results[rule, workers] = (out / "metrics.csv").read_text()
     capsys.readouterr()
     assert results["challenge", "1"] == results["challenge", "2"]
@@ -220,8 +278,17 @@ def test_gap_labels_and_bad_timing(tmp_path: Path, capsys) -> None:
     assert [r["dsc"] for r in rows] == ["1", "nan", "1"]
 
     (tmp_path / "t.csv").write_text("name,time\nx,1\n")
-    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gts"), "--timing",
-                 str(tmp_path / "t.csv")])
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--gt",
+            str(tmp_path / "gts"),
+            "--timing",
+            str(tmp_path / "t.csv"),
+        ]
+    )
     assert code == 2 and "missing column(s) ['case', 'seconds']" in capsys.readouterr().err
 
 
@@ -248,7 +315,11 @@ def test_report_without_images(demo_dir: Path, tmp_path: Path, capsys) -> None:
         path.unlink()
     _shifted_predictions(tmp_path, tmp_path / "pred")
     report = tmp_path / "report"
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(gts), "--report", str(report),
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(gts), "--report", str(report), "--workers", "1"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert len(list((report / "figures").glob("case_*.png"))) == len(list(gts.glob("*.npz")))

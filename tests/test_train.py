@@ -69,12 +69,36 @@ def test_stage_files_load_and_follow_the_seed_protocol():
         (["sampler_strategy=Half"], "key 'sampler_strategy' must be one of ['Min', 'OneTenth', 'All'] or an integer"),
         (["max_steps"], "expected key=value"),
         (["train_encoder=false", "train_decoder=false"], "nothing to train"),
+        (["reconstruct_encoder=true", "reconstruct_images=32"], "reconstruct_images (32) must be <= calib_slices"),
+        (["reconstruct_steps=0"], "reconstruct_steps must be >= 1"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError) as info:
         load_config(STAGES / "stage1_quant_encoder.yaml", overrides)
     assert expected in str(info.value)
+
+
+def test_cpu_recipe_reconstructs_then_trains_the_decoder_briefly():
+    cpu = load_config(STAGES / "cpu_recipe.yaml")
+    assert (cpu.quantize_encoder, cpu.quantize_decoder, cpu.reconstruct_encoder) == (True, True, True)
+    assert (cpu.train_encoder, cpu.train_decoder, cpu.teacher, cpu.init_checkpoint) == (False, True, True, None)
+    assert cpu.max_steps is not None and cpu.reconstruct_images <= cpu.calib_slices
+
+
+def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir: Path, tmp_path: Path):
+    out = tmp_path / "cpu"
+    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=0", *SMALL]
+    sets += ["reconstruct_images=1", "reconstruct_steps=1", "reconstruct_batch_size=1"]
+    result = _qmedsam("train", "--config", str(STAGES / "cpu_recipe.yaml"), "--set", *sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    init = torch.load(out / "init.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    report = init["init"]["reconstruction"]
+    assert report["units"] == 17 and report["images"] == 1 and report["steps_per_unit"] == 1
+    assert report["relative_error_after"] < report["relative_error_before"]
+    assert last["run"]["step"] == 0 and init["model"].keys() == last["model"].keys()
+    assert all(torch.equal(init["model"][k], last["model"][k]) for k in init["model"])
 
 
 def test_cli_names_a_misspelt_key(tmp_path):

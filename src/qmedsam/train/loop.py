@@ -169,6 +169,23 @@ def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, 
     summary: dict[str, Any] = {"init": str(source), "calibrated_parts": parts}
     if parts:
         summary |= calibrate(model, calibration_batches, parts=parts)
+    if config.reconstruct_encoder and "image_encoder" in parts:
+        from qmedsam.model.litemedsam import load_pretrained_litemedsam
+        from qmedsam.train.reconstruct import reconstruct_encoder
+
+        images = torch.cat([image for image, _ in calibration_batches])
+        images = images[np.linspace(0, len(images) - 1, config.reconstruct_images).round().astype(int)]
+        report = reconstruct_encoder(
+            model,
+            load_pretrained_litemedsam(source if not quant.is_quantized_state_dict(state) else None),
+            images,
+            steps=config.reconstruct_steps,
+            batch_size=config.reconstruct_batch_size,
+            lr=config.reconstruct_lr,
+            scale_lr=config.reconstruct_scale_lr,
+            seed=config.seed,
+        )
+        summary["reconstruction"] = report.to_dict()
     return model, summary
 
 
@@ -378,7 +395,9 @@ def train(config: TrainConfig, resume: Path | None = None, keep_process_group: b
                 path,
             )
 
-        done = False
+        done = config.max_steps is not None and state.step >= config.max_steps
+        if done and env.is_main:  # max_steps 0: the starting model is the result
+            checkpoint(last_path)
         while state.epoch < config.epochs and not done:
             dataset.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The QAT results table (benchmarks/qat_results.md): fp32 IR vs NNCF PTQ int8 vs calibrated Brevitas int8 vs
+# the int8 model trained with the CPU recipe, scored with `qmedsam evaluate` (challenge rule) on the
+# validation split of the training tree and on the demo cases, plus encoder ms side by side in one run.
+# Every number in the table comes from the commands below; run from the repository root after `make setup`.
+# Usage: benchmarks/qat_compare.sh [RUN_DIR]   (default runs/cpu, from
+#        `qmedsam train --config configs/train/cpu_recipe.yaml`): RUN_DIR/last.pt is the trained model and
+#        RUN_DIR/init.pt the same run's starting point (calibrated + block-reconstructed, before the e2e stage).
+set -euo pipefail
+Q=${Q:-.venv/bin/qmedsam}
+RUN=${1:-runs/cpu}
+W=${W:-runs/compare}
+mkdir -p "$W"
+$Q data demo --out data/demo
+$Q data train --out data/train
+$Q data cases --tree data/train --split validation --out data/val
+# Baselines calibrate on the training split only (never on validation or demo volumes).
+$Q data cases --tree data/train --split train --out data/trainsplit
+
+[ -d "$W/fp32" ] || $Q export --out "$W/fp32"
+[ -d "$W/ptq" ] || $Q export --ptq --calib data/trainsplit/cases --out "$W/ptq"
+[ -d "$W/calibrated" ] || $Q export --quant configs/quant/w8a8_per_channel.yaml --calib data/trainsplit/cases \
+  --out "$W/calibrated"
+[ -d "$W/reconstructed" ] || $Q export --quant configs/quant/w8a8_per_channel.yaml --checkpoint "$RUN/init.pt" \
+  --calib data/trainsplit/cases --out "$W/reconstructed"
+[ -d "$W/trained" ] || $Q export --quant configs/quant/w8a8_per_channel.yaml --checkpoint "$RUN/last.pt" \
+  --calib data/trainsplit/cases --min-decoder-dice 0.985 --out "$W/trained"
+
+for model in fp32 ptq calibrated reconstructed trained; do
+  for set in val demo; do
+    root=data/$set
+    [ -f "$W/eval-$model-$set/summary.json" ] && continue
+    $Q predict -i "$root/cases" -o "$W/pred-$model-$set" -m "$W/$model"
+    $Q evaluate --pred "$W/pred-$model-$set" --gt "$root/gts" --images "$root/cases" --out "$W/eval-$model-$set"
+  done
+done
+$Q bench components -m "$W/fp32" -m "$W/ptq" -m "$W/calibrated" -m "$W/reconstructed" -m "$W/trained" \
+  --precision f32 \
+  --json "$W/components.json"
+.venv/bin/python benchmarks/qat_table.py "$W"
