@@ -75,18 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     from qmedsam.evaluate.metrics import CaseTask, evaluate_folder, evaluate_task
 
     t0 = time.perf_counter()
-    ours = evaluate_folder(args.pred, args.gt, images_dir=args.images, nsd_rule=args.nsd_rule,
-                           tolerance=args.tolerance, workers=1, progress=False)
+    ours = evaluate_folder(
+        args.pred,
+        args.gt,
+        images_dir=args.images,
+        nsd_rule=args.nsd_rule,
+        tolerance=args.tolerance,
+        workers=1,
+        progress=False,
+    )
     ours_s = time.perf_counter() - t0
     parallel_s = None
     if args.workers > 1:
         t0 = time.perf_counter()
-        evaluate_folder(args.pred, args.gt, images_dir=args.images, nsd_rule=args.nsd_rule,
-                        tolerance=args.tolerance, workers=args.workers, progress=False)
+        evaluate_folder(
+            args.pred,
+            args.gt,
+            images_dir=args.images,
+            nsd_rule=args.nsd_rule,
+            tolerance=args.tolerance,
+            workers=args.workers,
+            progress=False,
+        )
         parallel_s = time.perf_counter() - t0
 
-    print(f"{'case':40s} {'labels':>6s} {'qmedsam s':>10s} {'package s':>10s} {'ratio':>7s} {'|dDSC|':>8s} "
-          f"{'|dNSD|':>8s}")
+    print(
+        f"{'case':40s} {'labels':>6s} {'qmedsam s':>10s} {'package s':>10s} {'ratio':>7s} {'|dDSC|':>8s} {'|dNSD|':>8s}"
+    )
     package_total = 0.0
     ours_total = 0.0
     worst = 0.0
@@ -99,23 +114,35 @@ def main(argv: list[str] | None = None) -> int:
         dsc, nsd = package_case(gt, pred, case.dimension or gt.ndim, case.spacing, args.nsd_rule, args.tolerance)
         package_s = time.perf_counter() - t0 + load_s
         t0 = time.perf_counter()  # ours again for this case alone, loading included, for a per-case ratio
-        evaluate_task(CaseTask(case.case, args.gt / case.case, args.pred / case.case,
-                               args.images / case.case if args.images else None, args.nsd_rule, args.tolerance))
+        evaluate_task(
+            CaseTask(
+                case.case,
+                args.gt / case.case,
+                args.pred / case.case,
+                args.images / case.case if args.images else None,
+                args.nsd_rule,
+                args.tolerance,
+            )
+        )
         case_s = time.perf_counter() - t0
         package_total += package_s
         ours_total += case_s
         d_dsc = 0.0 if (math.isnan(dsc) and math.isnan(case.dsc)) else abs(dsc - case.dsc)
         d_nsd = abs(nsd - case.nsd)
         worst = max(worst, d_dsc, d_nsd)
-        print(f"{case.case:40s} {len(case.labels):6d} {case_s:10.3f} {package_s:10.3f} "
-              f"{package_s / max(case_s, 1e-9):6.1f}x {d_dsc:8.1e} {d_nsd:8.1e}")
+        print(
+            f"{case.case:40s} {len(case.labels):6d} {case_s:10.3f} {package_s:10.3f} "
+            f"{package_s / max(case_s, 1e-9):6.1f}x {d_dsc:8.1e} {d_nsd:8.1e}"
+        )
     print(f"\nrule {args.nsd_rule}, {len(ours.scored)} cases, one process each side:")
     print(f"  qmedsam evaluate (whole folder)  {ours_s:8.2f} s")
     if parallel_s is not None:
         print(f"  qmedsam evaluate, {args.workers} workers     {parallel_s:8.2f} s")
     print(f"  surface-distance package loop    {package_total:8.2f} s")
-    print(f"  ratio package / qmedsam          {package_total / max(ours_s, 1e-9):8.1f}x "
-          f"(per-case sum: {package_total / max(ours_total, 1e-9):.1f}x)")
+    print(
+        f"  ratio package / qmedsam          {package_total / max(ours_s, 1e-9):8.1f}x "
+        f"(per-case sum: {package_total / max(ours_total, 1e-9):.1f}x)"
+    )
     print(f"  largest |difference| in DSC/NSD  {worst:8.1e}")
     if ours.errors:
         print(f"  {len(ours.errors)} problem(s) skipped: {ours.errors[:3]}", file=sys.stderr)

@@ -79,11 +79,11 @@ def test_bad_config_is_refused_naming_the_key(overrides, expected):
     assert expected in str(info.value)
 
 
-def test_cpu_recipe_reconstructs_then_trains_the_decoder_briefly():
+def test_cpu_recipe_is_calibration_plus_block_reconstruction():
     cpu = load_config(STAGES / "cpu_recipe.yaml")
     assert (cpu.quantize_encoder, cpu.quantize_decoder, cpu.reconstruct_encoder) == (True, True, True)
     assert (cpu.train_encoder, cpu.train_decoder, cpu.teacher, cpu.init_checkpoint) == (False, True, True, None)
-    assert cpu.max_steps is not None and cpu.reconstruct_images <= cpu.calib_slices
+    assert cpu.max_steps == 0 and cpu.reconstruct_images <= cpu.calib_slices
 
 
 def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir: Path, tmp_path: Path):
