@@ -154,7 +154,8 @@ def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, 
     source = Path(config.init_checkpoint) if config.init_checkpoint else pretrained_weights_path()
     state = load_state_dict_file(source)
     model = quant.build_quantized(spec if spec.enabled else None)
-    if not quant.is_quantized_state_dict(state):
+    from_float = not quant.is_quantized_state_dict(state)
+    if from_float:
         quant.load_float_state_dict(model, state, str(source))
         parts = [p for p, on in (("image_encoder", spec.image_encoder), ("mask_decoder", spec.mask_decoder)) if on]
     else:
@@ -177,7 +178,7 @@ def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, 
         images = images[np.linspace(0, len(images) - 1, config.reconstruct_images).round().astype(int)]
         report = reconstruct_encoder(
             model,
-            load_pretrained_litemedsam(source if not quant.is_quantized_state_dict(state) else None),
+            load_pretrained_litemedsam(source if from_float else None),
             images,
             steps=config.reconstruct_steps,
             batch_size=config.reconstruct_batch_size,
