@@ -190,6 +190,19 @@ def read_case(path: str | os.PathLike) -> Case:
     return Case(path=path, dimension=dimension, image=image, boxes=boxes, spacing=spacing, warnings=warnings)
 
 
+def case_from_arrays(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2, 3], source: str) -> Case:
+    """A validated case from in-memory arrays (the Python API), checked exactly as `read_case` checks a file;
+    `source` names the arrays in error messages (e.g. 'segment_2d')."""
+    if dimension not in (2, 3):
+        raise CaseError(f"{source}: dimension must be 2 or 3, got {dimension!r}")
+    path = Path(source)
+    image = _validate_image(path, np.asarray(image), dimension)
+    shape = image.shape[:2] if dimension == 2 else image.shape
+    warnings: list[str] = []
+    boxes = _validate_boxes(path, np.asarray(boxes), dimension, tuple(shape), warnings)
+    return Case(path=path, dimension=dimension, image=image, boxes=boxes, warnings=warnings)
+
+
 def read_ground_truth(path: str | os.PathLike, key: str = "gts") -> np.ndarray:
     """Read a ground-truth label array (integer labels 1..N, 0 = background)."""
     path = Path(path)

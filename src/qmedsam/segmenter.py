@@ -1,0 +1,157 @@
+"""The Python API: `Segmenter`, box-prompted masks from numpy arrays, on the same code path as `qmedsam predict`.
+
+Two ways to use it:
+- whole images: `segment_2d(image, boxes)` / `segment_3d(volume, boxes)` return a label map (label i+1 =
+  box i, later boxes on top), exactly what `qmedsam predict` writes for the same arrays;
+- interactive: `set_image(image_or_volume)` once, then `predict(box, z=...)` per box. Each slice is encoded
+  the first time a box needs it and its embedding kept (a bounded LRU cache), so every later box on that
+  slice costs only the decoder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from qmedsam.data.cases import case_from_arrays
+from qmedsam.data.preprocess import postprocess_logits, scale_boxes
+from qmedsam.deploy.runtime import Engine, OpenVINOEngine
+from qmedsam.deploy.segment import DEFAULT_BATCH, PROMPT_STRATEGIES, SliceEncoder, segment_case
+from qmedsam.errors import UserFacingError
+
+ModelChoice = Literal["int8", "fp32"] | str | os.PathLike | None
+DEFAULT_CACHED_SLICES = 32
+"""Embeddings kept by the interactive API: 4 MiB each, so 128 MiB at most."""
+
+
+def resolve_model_dir(model: ModelChoice) -> Path:
+    """None -> the default model of `qmedsam predict`; "fp32" -> the pretrained fp32 IR (built once into the
+    user cache); "int8" -> the int8 model shipped in the package; anything else -> a model directory."""
+    from qmedsam.deploy.export import ensure_default_model, shipped_int8_model_dir
+
+    if model is None:
+        return ensure_default_model()
+    if isinstance(model, str) and model == "fp32":
+        return ensure_default_model()
+    if isinstance(model, str) and model == "int8":
+        return shipped_int8_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise UserFacingError(f"{path}: not a model directory; expected 'int8', 'fp32' or a `qmedsam export` folder")
+    return path
+
+
+class Segmenter:
+    """Box-prompted segmentation of 2D images and 3D volumes with an exported OpenVINO model.
+
+    Images are numpy arrays as in the challenge files: 2D (H, W), (H, W, 1) or (H, W, 3); 3D (D, H, W),
+    intensities already in display range (uint8 preferred). Boxes are inclusive pixel indices,
+    2D [x_min, y_min, x_max, y_max], 3D [x_min, y_min, z_min, x_max, y_max, z_max].
+    """
+
+    def __init__(
+        self,
+        model: ModelChoice = None,
+        precision: Literal["f32", "bf16"] = "f32",
+        threads: int | None = None,
+        *,
+        engine: Engine | None = None,
+        cached_slices: int = DEFAULT_CACHED_SLICES,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        """`engine` replaces the OpenVINO model (e.g. a `TorchEngine` reference); then `model` must be None."""
+        if engine is not None and model is not None:
+            raise UserFacingError("give either model or engine, not both")
+        if cached_slices < 1 or batch < 1:
+            raise UserFacingError("cached_slices and batch must be at least 1")
+        if engine is None:
+            engine = OpenVINOEngine(resolve_model_dir(model), precision=precision, num_threads=threads)
+        self.engine = engine
+        self.cached_slices = cached_slices
+        self.batch = batch
+        self._encoder: SliceEncoder | None = None
+        self._dimension: int | None = None
+
+    # -- whole images ------------------------------------------------------------------------------
+
+    def segment_2d(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """(H, W) label map for a 2D image and (N, 4) boxes; dtype the smallest unsigned type holding N."""
+        return segment_case(self.engine, case_from_arrays(image, boxes, 2, "segment_2d"), batch=self.batch)
+
+    def segment_3d(self, volume: np.ndarray, boxes: np.ndarray, prompt_mode: str = "fixed") -> np.ndarray:
+        """(D, H, W) label map for a volume and (N, 6) boxes with the 3D prompt rule `prompt_mode`
+        ('fixed': the box's xy extent on every slice of its z range; 'propagate': the LiteMedSAM baseline's)."""
+        if prompt_mode not in PROMPT_STRATEGIES:
+            raise UserFacingError(f"prompt_mode must be one of {sorted(PROMPT_STRATEGIES)}, got {prompt_mode!r}")
+        case = case_from_arrays(volume, boxes, 3, "segment_3d")
+        return segment_case(self.engine, case, prompt_mode=prompt_mode, batch=self.batch)
+
+    # -- interactive -------------------------------------------------------------------------------
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Hold a 2D image ((H, W), (H, W, 1), (H, W, 3)) or a 3D volume ((D, H, W)) for `predict`.
+
+        Nothing is encoded yet: a slice is encoded the first time a box asks for it.
+        """
+        image = np.asarray(image)
+        dimension = 2 if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)) else 3
+        case = case_from_arrays(image, _whole_box(image, dimension), dimension, "set_image")
+        volume = case.image[None] if dimension == 2 else case.image
+        self._encoder = SliceEncoder(self.engine, volume, max_cached=self.cached_slices)
+        self._dimension = dimension
+
+    @property
+    def encoded_slices(self) -> int:
+        """How many slice encodings the current image has cost so far (cache hits are free)."""
+        return 0 if self._encoder is None else self._encoder.encoded
+
+    def predict(self, box: np.ndarray | list[float], z: int | None = None) -> np.ndarray:
+        """Boolean mask of one box on the image given to `set_image`.
+
+        2D image: box [x0, y0, x1, y1] -> (H, W). Volume: a 2D box with `z` -> that slice's (H, W) mask;
+        a 3D box [x0, y0, z0, x1, y1, z1] -> (D, H, W) mask by the fixed-box rule over z0..z1.
+        """
+        if self._encoder is None or self._dimension is None:
+            raise UserFacingError("call set_image(image) before predict(box)")
+        volume = self._encoder.volume
+        box = np.asarray(box, dtype=np.float64).ravel()
+        if self._dimension == 2:
+            if z not in (None, 0):
+                raise UserFacingError(f"predict: z={z} given for a 2D image")
+            return self._slice_mask(box, 0, "predict")
+        if box.size == 6:
+            if z is not None:
+                raise UserFacingError("predict: give a 3D box [x0, y0, z0, x1, y1, z1] or a 2D box with z, not both")
+            case = case_from_arrays(volume, box[None], 3, "predict")
+            (x0, y0, z0, x1, y1, z1) = case.boxes[0]
+            mask = np.zeros(volume.shape, dtype=bool)
+            for slice_z in range(z0, z1 + 1):
+                mask[slice_z] = self._slice_mask(np.array([x0, y0, x1, y1], dtype=np.float64), slice_z, "predict")
+            return mask
+        if z is None:
+            raise UserFacingError("predict: a 2D box on a volume needs z (the slice index)")
+        if not 0 <= int(z) < volume.shape[0]:
+            raise UserFacingError(f"predict: z={z} outside the volume (0..{volume.shape[0] - 1})")
+        return self._slice_mask(box, int(z), "predict")
+
+    def _slice_mask(self, box: np.ndarray, z: int, source: str) -> np.ndarray:
+        assert self._encoder is not None
+        checked = case_from_arrays(self._encoder.volume[z], box[None], 2, source)
+        embedding = self._encoder(z)
+        geometry = self._encoder.geometry
+        assert geometry is not None
+        logits = self.engine.decode(embedding, scale_boxes(checked.boxes, geometry))
+        return postprocess_logits(logits, geometry)[0]
+
+
+def _whole_box(image: np.ndarray, dimension: int) -> np.ndarray:
+    """A box covering the image, so `case_from_arrays` validates an image on its own."""
+    if dimension == 2:
+        return np.array([0, 0, max(1, image.shape[1] - 1), max(1, image.shape[0] - 1)])
+    return np.array([0, 0, 0, max(1, image.shape[2] - 1), max(1, image.shape[1] - 1), image.shape[0] - 1])
+
+
+__all__ = ["Segmenter", "resolve_model_dir"]
