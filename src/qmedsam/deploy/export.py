@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -198,6 +199,9 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700: a model must be readable by other users
     try:
         yield staging
         if out_dir.exists():
@@ -221,6 +225,22 @@ def default_model_dir() -> Path:
     from qmedsam.model.weights import WEIGHTS_SHA256
 
     return default_cache_root() / "models" / f"litemedsam-fp32-{WEIGHTS_SHA256[:12]}-v{__version__}"
+
+
+SHIPPED_INT8_DIR = Path(__file__).resolve().parent.parent / "models" / "int8"
+"""The int8 OpenVINO model shipped inside the package (`src/qmedsam/models/int8`)."""
+
+
+def shipped_int8_model_dir() -> Path:
+    """The int8 model directory shipped with the package; a clear error if this install has none."""
+    from qmedsam.errors import UserFacingError
+
+    if not (SHIPPED_INT8_DIR / "meta.json").is_file():
+        raise UserFacingError(
+            f"{SHIPPED_INT8_DIR}: this install ships no int8 model; "
+            "use 'fp32' or a model directory from `qmedsam export`"
+        )
+    return SHIPPED_INT8_DIR
 
 
 def ensure_default_model() -> Path:
