@@ -59,3 +59,17 @@ def test_bad_model_dir_and_precision(tmp_path, fp32_model_dir):
         OpenVINOEngine(tmp_path)
     with pytest.raises(UserFacingError, match="precision hint"):
         OpenVINOEngine(fp32_model_dir, precision="int4")
+
+
+def test_exported_model_directory_is_readable_by_other_users(fp32_model_dir):
+    """A model exported by one user (e.g. at image build time) must be readable by another (a non-root
+    container user): the directory is not left at mkdtemp's 0700."""
+    import os
+    import stat
+
+    mode = stat.S_IMODE(os.stat(fp32_model_dir).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask
+    for item in fp32_model_dir.iterdir():
+        assert stat.S_IMODE(item.stat().st_mode) & 0o044 == 0o044 & ~umask, item
