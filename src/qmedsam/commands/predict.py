@@ -22,10 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Segment challenge-format cases (2D_*.npz with imgs (H,W,3)+boxes (N,4); 3D_*.npz with imgs (D,H,W)+"
             "boxes (N,6)). Writes one npz per case with `segs` (label i = box i), timing.csv, and optional PNG "
-            "overlays. Bad cases are reported and skipped; the exit code is 1 if any case failed."
+            "overlays. Bad cases are reported and skipped; the exit code is 1 if any case failed. "
+            "A NIfTI scan (-i scan.nii.gz) needs box prompts (--boxes or --boxes-from) and gives a label NIfTI on "
+            "exactly the scan's grid plus a sidecar JSON."
         ),
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of case .npz files (or one file)")
+    parser.add_argument(
+        "-i", "--input", required=True, type=Path, help="folder of case .npz files, one case file, or a NIfTI scan"
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for segmentations and timing.csv")
     parser.add_argument(
         "-m",
@@ -53,6 +57,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlays", type=Path, default=None, help="write a PNG with mask contours per case here")
     parser.add_argument("--batch", type=int, default=16, help="boxes per decoder call (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    scans = parser.add_argument_group("scans (NIfTI input)")
+    scans.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help="boxes.json or .csv: [i_min, j_min, k_min, i_max, j_max, k_max] in the scan's voxel indices (its array "
+        "axes in order, inclusive), optional label per box",
+    )
+    scans.add_argument(
+        "--boxes-from",
+        type=Path,
+        default=None,
+        help="label map on the scan's grid: every label's tight box is a prompt (output keeps the label values)",
+    )
+    scans.add_argument(
+        "--window",
+        default="auto",
+        help="intensity to uint8: ct-abdomen (W400 L40, the CT default) | ct-lung | ct-brain | ct-bone | WIDTH,LEVEL "
+        "(HU) | percentile (0.5-99.5, the default for non-CT) | auto (default: CT window if values reach air)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -88,6 +112,18 @@ TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status"
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmedsam.scans.nifti import is_nifti
+
+    if is_nifti(args.input):
+        from qmedsam.commands.predict_scan import run_scan
+
+        return run_scan(args, build_engine)
+    if args.boxes is not None or args.boxes_from is not None:
+        raise UserFacingError("--boxes / --boxes-from apply to a NIfTI scan (-i scan.nii.gz); case files carry boxes")
+    return run_cases(args)
+
+
+def run_cases(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from qmedsam.data.cases import CaseError, atomic_write_bytes, modality_of, read_case, write_segmentation

@@ -1,0 +1,232 @@
+"""NIfTI in and out on real TotalSegmentator example scans (from the pinned sdist the demo uses).
+
+The scans are cut to a few axial slices with nibabel's slicer (a real file with its affine updated) so the
+model runs on a handful of slices. Checked: the NIfTI path gives exactly the masks of the npz path on the
+same data, the output lies on the input's grid, non-axial and flipped voxel orders give the same voxels,
+and bad input fails with a message naming the file, with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmedsam.cli import main
+from qmedsam.data.sources import ct_to_uint8, fetch_sources, percentile_to_uint8, read_members, to_zyx
+from qmedsam.scans.boxes import boxes_from_labels, read_boxes
+from qmedsam.scans.orientation import VoxelMapping
+
+nib = pytest.importorskip("nibabel")
+
+TS_REF = "totalsegmentator-2.18.0/tests/reference_files/"
+CT_ORGANS = (1, 2, 3)  # spleen, kidney_right, kidney_left in TotalSegmentator's `total` class map
+
+
+def _nifti(raw: bytes):
+    import gzip
+
+    return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+
+
+@pytest.fixture(scope="module")
+def ct_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """example_ct_sm + its `total` segmentation, cut to 4 axial slices through the kidneys, written as files;
+    labels kept: 3 organs renumbered 1..3."""
+    archive = fetch_sources(keys=["totalsegmentator"])["totalsegmentator"]
+    raw = read_members(archive, [TS_REF + "example_ct_sm.nii.gz", TS_REF + "example_seg.nii.gz"])
+    image = _nifti(raw[TS_REF + "example_ct_sm.nii.gz"])
+    seg = _nifti(raw[TS_REF + "example_seg.nii.gz"])
+    labels = np.asarray(seg.dataobj).astype(np.int16)
+    mapping = VoxelMapping.from_affine(image.affine, image.shape)
+    axial_axis = mapping.source_axis[0]
+    kept = np.zeros_like(labels)
+    for new, organ in enumerate(CT_ORGANS, start=1):
+        kept[labels == organ] = new
+    along = np.moveaxis(kept, axial_axis, 0).reshape(kept.shape[axial_axis], -1)
+    rich = int(np.argmax([(np.unique(s) > 0).sum() * 1e6 + (s > 0).sum() for s in along]))
+    cut = [slice(None)] * 3
+    cut[axial_axis] = slice(rich - 2, rich + 2)
+    folder = tmp_path_factory.mktemp("scan")
+    image_cut = image.slicer[tuple(cut)]
+    label_cut = nib.Nifti1Image(kept[tuple(cut)], image_cut.affine, seg.header)
+    nib.save(image_cut, folder / "ct.nii.gz")
+    nib.save(label_cut, folder / "ct_labels.nii.gz")
+    return folder / "ct.nii.gz", folder / "ct_labels.nii.gz"
+
+
+def _npz_path_segs(image_path: Path, label_path: Path, model_dir: Path) -> np.ndarray:
+    """The demo's npz construction on the same file (to_zyx + CT window) through the case path."""
+    from qmedsam.data.cases import case_from_arrays
+    from qmedsam.data.demo import CT_WINDOW, tight_boxes
+    from qmedsam.deploy.runtime import OpenVINOEngine
+    from qmedsam.deploy.segment import segment_case
+
+    volume, _ = to_zyx(nib.load(str(image_path)))
+    gts, _ = to_zyx(nib.load(str(label_path)))
+    imgs = ct_to_uint8(volume, **CT_WINDOW)
+    boxes = tight_boxes(gts.astype(np.int64), int(gts.max()))
+    return segment_case(OpenVINOEngine(model_dir), case_from_arrays(imgs, boxes, 3, "npz"))
+
+
+def test_voxel_mapping_matches_nibabel_canonical_for_any_orientation():
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1000, (5, 6, 7)).astype(np.int16)
+    base = np.diag([-1.5, -1.0, 2.5, 1.0])  # LPS-like, as DICOM-derived NIfTI often are
+    for codes in [("L", "P", "S"), ("R", "A", "S"), ("P", "S", "R"), ("S", "L", "A"), ("A", "I", "L")]:
+        image = nib.Nifti1Image(data, base)
+        ornt = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(base), nib.orientations.axcodes2ornt(codes)
+        )
+        image = image.as_reoriented(ornt)
+        array = np.asarray(image.dataobj)
+        mapping = VoxelMapping.from_affine(image.affine, array.shape)
+        work = mapping.to_work(array)
+        np.testing.assert_array_equal(work, to_zyx(image)[0])
+        np.testing.assert_array_equal(mapping.to_file(work), array)
+        box = [1, 0, 2]
+        file_box = np.array(box + [min(b + 2, s - 1) for b, s in zip(box, array.shape, strict=True)])
+        assert np.array_equal(mapping.box_to_file(mapping.box_to_work(file_box)), file_box)
+        marked = np.zeros(array.shape, bool)
+        marked[tuple(slice(file_box[a], file_box[3 + a] + 1) for a in range(3))] = True
+        x0, y0, z0, x1, y1, z1 = mapping.box_to_work(file_box)
+        expected = np.zeros(mapping.work_shape, bool)
+        expected[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1] = True
+        np.testing.assert_array_equal(mapping.to_work(marked), expected)  # the box covers the same voxels
+
+
+def test_nifti_predict_equals_the_npz_path_on_the_input_grid(ct_scan, fp32_model_dir, tmp_path):
+    image_path, label_path = ct_scan
+    out = tmp_path / "out"
+    rc = main(
+        ["predict", "-i", str(image_path), "--boxes-from", str(label_path), "-o", str(out), "-m", str(fp32_model_dir)]
+    )
+    assert rc == 0
+    result = nib.load(str(out / "ct.nii.gz"))
+    source = nib.load(str(image_path))
+    assert result.shape == source.shape and np.allclose(result.affine, source.affine)
+    assert np.allclose(result.header.get_qform(), source.header.get_qform())
+    assert np.allclose(result.header.get_sform(), source.header.get_sform())
+    assert int(result.header["qform_code"]) == int(source.header["qform_code"])
+    assert int(result.header["sform_code"]) == int(source.header["sform_code"])
+    assert result.get_data_dtype() == np.uint8
+    labels = np.asarray(result.dataobj)
+    mapping = VoxelMapping.from_affine(source.affine, source.shape)
+    np.testing.assert_array_equal(labels, mapping.to_file(_npz_path_segs(image_path, label_path, fp32_model_dir)))
+    truth = np.asarray(nib.load(str(label_path)).dataobj)
+    for value in (1, 2, 3):  # each organ's mask is where that organ is (same voxels, not a flipped copy)
+        inter = np.logical_and(labels == value, truth == value).sum()
+        assert 2 * inter / ((labels == value).sum() + (truth == value).sum()) > 0.6
+    sidecar = json.loads((out / "ct.json").read_text())
+    assert sidecar["windowing"]["preset"] == "ct-abdomen" and sidecar["prompts"] == {"boxes_from": "ct_labels.nii.gz"}
+
+
+def test_reoriented_scan_gives_the_same_voxels(ct_scan, fp32_model_dir, tmp_path):
+    """The same scan stored in another voxel order (sagittal-first, flipped axes) and prompted with boxes in
+    that file's own indices: the output, brought back, is the axial output voxel for voxel."""
+    image_path, label_path = ct_scan
+    image, labels = nib.load(str(image_path)), nib.load(str(label_path))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(("A", "I", "L"))
+    )
+    moved, moved_labels = image.as_reoriented(ornt), labels.as_reoriented(ornt)
+    nib.save(moved, tmp_path / "moved.nii.gz")
+    prompts = boxes_from_labels(np.asarray(moved_labels.dataobj), "moved")
+    (tmp_path / "boxes.json").write_text(
+        json.dumps([{"box": b.tolist(), "label": int(v)} for b, v in zip(prompts.boxes, prompts.labels, strict=True)])
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(tmp_path / "moved.nii.gz"),
+                "--boxes",
+                str(tmp_path / "boxes.json"),
+                "-o",
+                str(tmp_path / "a"),
+                "-m",
+                str(fp32_model_dir),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(image_path),
+                "--boxes-from",
+                str(label_path),
+                "-o",
+                str(tmp_path / "b"),
+                "-m",
+                str(fp32_model_dir),
+            ]
+        )
+        == 0
+    )
+    moved_out = nib.load(str(tmp_path / "a" / "moved.nii.gz"))
+    undo = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("A", "I", "L")), nib.orientations.io_orientation(image.affine)
+    )
+    back = moved_out.as_reoriented(undo)
+    np.testing.assert_array_equal(
+        np.asarray(back.dataobj), np.asarray(nib.load(str(tmp_path / "b" / "ct.nii.gz")).dataobj)
+    )
+    assert np.allclose(back.affine, image.affine)
+
+
+def test_bad_scan_inputs_fail_clearly_and_write_nothing(ct_scan, fp32_model_dir, tmp_path, capsys):
+    image_path, label_path = ct_scan
+    out = tmp_path / "out"
+
+    def run(*extra: str) -> str:
+        assert main(["predict", "-i", str(image_path), "-o", str(out), "-m", str(fp32_model_dir), *extra]) == 2
+        return capsys.readouterr().err
+
+    assert "boxes are required: --boxes or --boxes-from" in run()
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps([[0, 0, 0, 10, 10, 400]]))
+    outside_far = tmp_path / "far.json"
+    outside_far.write_text(json.dumps([[0, 0, 500, 10, 10, 600]]))
+    assert "lies outside the volume along k" in run("--boxes", str(outside_far))
+    csv_bad = tmp_path / "bad.csv"
+    csv_bad.write_text("i_min,j_min,k_min,i_max\n1,2,3,4\n")
+    assert "bad.csv: CSV header lacks" in run("--boxes", str(csv_bad))
+    other = nib.load(str(label_path))
+    nib.save(nib.Nifti1Image(np.asarray(other.dataobj), other.affine * np.diag([2, 1, 1, 1])), tmp_path / "off.nii.gz")
+    assert "label map is on another grid" in run("--boxes-from", str(tmp_path / "off.nii.gz"))
+    four_d = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.int16), np.eye(4)), four_d)
+    assert main(["predict", "-i", str(four_d), "-o", str(out), "--boxes", str(outside)]) == 2
+    assert "series.nii.gz: a 4D image" in capsys.readouterr().err
+    assert "--window 'purple'" in run("--boxes-from", str(label_path), "--window", "purple")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_box_files_json_and_csv(tmp_path):
+    (tmp_path / "b.csv").write_text("i_min,j_min,k_min,i_max,j_max,k_max,label\n1,2,3,4,5,6,7\n0,0,0,1,1,1,\n")
+    boxes = read_boxes(tmp_path / "b.csv")
+    assert boxes.boxes.tolist() == [[1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 1, 1]] and boxes.labels.tolist() == [7, 2]
+    (tmp_path / "b.json").write_text(json.dumps({"boxes": [[1, 2, 3, 4, 5, 6]]}))
+    assert read_boxes(tmp_path / "b.json").labels.tolist() == [1]
+    (tmp_path / "dup.json").write_text(json.dumps([{"box": [0, 0, 0, 1, 1, 1], "label": 2}] * 2))
+    with pytest.raises(Exception, match="each box needs its own label"):
+        read_boxes(tmp_path / "dup.json")
+
+
+def test_mr_scan_uses_percentiles(tmp_path):
+    from qmedsam.scans.intensity import to_uint8
+
+    volume = np.random.default_rng(1).gamma(2.0, 100.0, (3, 20, 20))
+    image, record = to_uint8(volume, "auto")
+    assert record["method"] == "percentiles" and record["why"] == "not Hounsfield units"
+    np.testing.assert_array_equal(image, percentile_to_uint8(volume, 0.5, 99.5)[0])
+    _, record = to_uint8(np.round(volume) - 1024, "auto")
+    assert record["preset"] == "ct-abdomen"
+    _, record = to_uint8(volume, (350.0, 50.0))
+    assert record["width"] == 350.0 and record["why"] == "given"
