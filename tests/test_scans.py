@@ -122,6 +122,19 @@ def test_nifti_predict_equals_the_npz_path_on_the_input_grid(ct_scan, fp32_model
     sidecar = json.loads((out / "ct.json").read_text())
     assert sidecar["windowing"]["preset"] == "ct-abdomen" and sidecar["prompts"] == {"boxes_from": "ct_labels.nii.gz"}
 
+    # `qmedsam evaluate` scores NIfTI label maps too: same metrics, spacing from the header
+    from qmedsam.evaluate.metrics import evaluate_arrays
+
+    gts = tmp_path / "gts"
+    gts.mkdir()
+    (gts / "ct.nii.gz").symlink_to(label_path)
+    assert main(["evaluate", "--pred", str(out), "--gt", str(gts), "--out", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    zooms = tuple(float(z) for z in source.header.get_zooms()[:3])
+    _, dsc, nsd, _ = evaluate_arrays(truth, labels, dimension=3, spacing=zooms)
+    assert summary["overall"]["dsc"] == pytest.approx(dsc) and summary["overall"]["nsd"] == pytest.approx(nsd)
+    assert summary["overall"]["dsc"] > 0.6
+
 
 def test_reoriented_scan_gives_the_same_voxels(ct_scan, fp32_model_dir, tmp_path):
     """The same scan stored in another voxel order (sagittal-first, flipped axes) and prompted with boxes in

@@ -328,12 +328,47 @@ def resolve_spacing(task: CaseTask, shape: tuple[int, ...]) -> tuple[tuple[float
     return spacing, str(source), warnings
 
 
+def _is_nifti(path: Path) -> bool:
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
+
+
+def read_nifti_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """A label NIfTI -> (integer labels in file voxel order, voxel sizes of those axes in mm, affine)."""
+    from qmedsam.data.cases import CaseError
+
+    try:
+        import nibabel as nib
+
+        image = nib.load(str(path))
+        labels = np.asarray(image.dataobj)
+    except ImportError:
+        raise CaseError(f"{path}: reading NIfTI needs nibabel (pip install 'qmedsam[scans]')") from None
+    except Exception as exc:
+        raise CaseError(f"{path}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from None
+    if labels.ndim == 4 and labels.shape[3] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 3:
+        raise CaseError(f"{path}: label map has shape {labels.shape}; expected a 3D volume")
+    if labels.dtype.kind == "f":
+        if not np.array_equal(labels, np.round(labels)):
+            raise CaseError(f"{path}: label map holds non-integer values")
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "uib" or (labels.size and labels.min() < 0):
+        raise CaseError(f"{path}: label map must hold integer labels >= 0 (dtype {labels.dtype})")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return labels, zooms, np.asarray(image.affine)  # type: ignore[return-value]
+
+
 def evaluate_task(task: CaseTask) -> CaseResult:
     """Evaluate one case from its files; every problem becomes `error` (the batch goes on)."""
-    from qmedsam.data.cases import CaseError, modality_of, read_ground_truth
+    from qmedsam.data.cases import CaseError, modality_of
 
     result = CaseResult(case=task.name, modality=modality_of(task.name))
     try:
+        if _is_nifti(task.gt_path):
+            return _evaluate_nifti(task, result)
+        from qmedsam.data.cases import read_ground_truth
+
         gt = read_ground_truth(task.gt_path, task.gt_key)
         pred = read_ground_truth(task.pred_path, task.pred_key)
         result.shape = tuple(gt.shape)
@@ -377,12 +412,40 @@ def evaluate_task(task: CaseTask) -> CaseResult:
     return result
 
 
+def _evaluate_nifti(task: CaseTask, result: CaseResult) -> CaseResult:
+    """A NIfTI label map against a NIfTI prediction on the same grid; spacing = the header's voxel sizes."""
+    from qmedsam.data.cases import CaseError
+
+    gt, zooms, affine = read_nifti_labels(task.gt_path)
+    if not _is_nifti(task.pred_path):
+        raise CaseError(f"{task.pred_path}: expected a NIfTI prediction for the NIfTI ground truth {task.gt_path}")
+    pred, _, pred_affine = read_nifti_labels(task.pred_path)
+    result.shape, result.dimension = tuple(gt.shape), 3
+    if pred.shape != gt.shape or not np.allclose(pred_affine, affine, atol=1e-3):
+        raise CaseError(
+            f"{task.pred_path}: prediction is not on the ground truth's grid (shape {pred.shape} vs {gt.shape}, "
+            "or another affine)"
+        )
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise CaseError(f"{task.gt_path}: header voxel sizes {zooms} are not positive numbers")
+    result.spacing, result.spacing_source = zooms, "nifti header"
+    result.labels, result.dsc, result.nsd, result.nsd_computed = evaluate_arrays(
+        gt, pred, dimension=3, spacing=zooms, nsd_rule=task.nsd_rule, tolerance=task.tolerance
+    )
+    if not result.labels:
+        result.warnings.append(f"{task.name}: ground truth has no labels (all 0); case DSC is NaN, NSD 0")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A folder.
 
 
 def _npz_names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("*.npz") if p.is_file())
+    """Label files of a folder: challenge .npz files and NIfTI label maps (.nii, .nii.gz)."""
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_file() and (p.suffix == ".npz" or _is_nifti(p)) and p.name[0] != "."
+    )
 
 
 def default_workers() -> int:
@@ -413,7 +476,7 @@ def evaluate_folder(
             raise UserFacingError(f"{label} {folder} is not a folder")
     gt_names = _npz_names(gt_dir)
     if not gt_names:
-        raise UserFacingError(f"no ground-truth .npz files in {gt_dir}")
+        raise UserFacingError(f"no ground-truth .npz or NIfTI files in {gt_dir}")
     pred_names = set(_npz_names(pred_dir))
     extra = [
         f"{pred_dir / name}: prediction has no ground truth in {gt_dir} (not evaluated)"
