@@ -243,3 +243,112 @@ def test_mr_scan_uses_percentiles(tmp_path):
     assert record["preset"] == "ct-abdomen"
     _, record = to_uint8(volume, (350.0, 50.0))
     assert record["width"] == 350.0 and record["why"] == "given"
+
+
+@pytest.fixture(scope="module")
+def dicom_series(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """TotalSegmentator's example CT DICOM series (20 slices, from the sdist): 4 consecutive slices copied to
+    a folder (still one valid series), and 2 organs of the package's reference segmentation of it, stored as
+    the package stores it (dicom2nifti's voxel order, j reversed) -> (full series dir, 4-slice dir, labels)."""
+    from qmedsam.data.sources import read_member_names
+    from qmedsam.scans.dicom import read_dicom_series
+    from qmedsam.scans.nifti import Scan, on_grid_of
+
+    archive = fetch_sources(keys=["totalsegmentator"])["totalsegmentator"]
+    names = [n for n in read_member_names(archive) if "/example_ct_dicom/" in n and not n.endswith("/")]
+    seg_name = TS_REF + "example_seg_dicom.nii.gz"
+    raw = read_members(archive, [*names, seg_name])
+    root = tmp_path_factory.mktemp("dicom")
+    full, part = root / "full", root / "series4"
+    full.mkdir()
+    part.mkdir()
+    for name in names:
+        (full / Path(name).name).write_bytes(raw[name])
+    series = read_dicom_series(full)
+    seg = _nifti(raw[seg_name])
+    aligned = on_grid_of(series.scan, Scan(root, np.asarray(seg.dataobj), seg.affine, seg.header))
+    assert aligned is not None, "the package's segmentation should cover the series' voxels"
+    chosen = [1 + int(v) for v in np.argsort(np.bincount(aligned.ravel().astype(np.int64))[1:])[::-1][:2]]
+    keep = range(8, 12)
+    for k in keep:
+        (part / Path(series.datasets[k].filename).name).write_bytes(Path(series.datasets[k].filename).read_bytes())
+    labels = np.zeros(aligned[:, :, 8:12].shape, np.uint8)
+    for n, value in enumerate(chosen, start=1):
+        labels[aligned[:, :, 8:12] == value] = n
+    part_scan = read_dicom_series(part).scan
+    flip_j = np.array([[0, 1], [1, -1], [2, 1]])
+    stored = nib.Nifti1Image(labels, part_scan.affine).as_reoriented(flip_j)
+    nib.save(stored, root / "labels.nii.gz")
+    return full, part, root / "labels.nii.gz"
+
+
+def test_dicom_series_to_seg_and_nifti(dicom_series, fp32_model_dir, tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    from qmedsam.scans.dicom import read_dicom_series
+
+    _, series_dir, labels_path = dicom_series
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(series_dir),
+                "--boxes-from",
+                str(labels_path),
+                "-o",
+                str(out),
+                "-m",
+                str(fp32_model_dir),
+            ]
+        )
+        == 0
+    )
+    series = read_dicom_series(series_dir)
+    result = nib.load(str(out / "series4.nii.gz"))
+    assert result.shape == series.scan.array.shape and np.allclose(result.affine, series.scan.affine)
+    labels = np.asarray(result.dataobj)
+    truth = nib.load(str(labels_path)).as_reoriented(np.array([[0, 1], [1, -1], [2, 1]]))
+    truth = np.asarray(truth.dataobj)
+    for value in (1, 2):
+        inter = np.logical_and(labels == value, truth == value).sum()
+        assert 2 * inter / ((labels == value).sum() + (truth == value).sum()) > 0.6
+    sidecar = json.loads((out / "series4.json").read_text())
+    assert sidecar["input"]["modality"] == "CT" and sidecar["windowing"]["why"] == "modality CT"
+
+    dataset = pydicom.dcmread(out / "series4.seg.dcm")
+    assert dataset.Modality == "SEG"
+    seg = hd.seg.segread(out / "series4.seg.dcm")
+    assert seg.number_of_segments == 2
+    uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == set(uids)
+    frames = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], combine_segments=True)
+    np.testing.assert_array_equal(frames, np.transpose(labels, (2, 1, 0)))
+
+
+def test_bad_dicom_folders(dicom_series, tmp_path, capsys):
+    import pydicom
+
+    full, _, labels_path = dicom_series
+    files = sorted(full.iterdir())
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    from qmedsam.scans.dicom import read_dicom_series
+
+    ordered = [Path(ds.filename) for ds in read_dicom_series(full).datasets]
+    for path in ordered[:3] + ordered[4:6]:
+        (gap / path.name).write_bytes(path.read_bytes())
+    assert main(["predict", "-i", str(gap), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
+    assert "missing slices between" in capsys.readouterr().err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in files[:3]:
+        (mixed / path.name).write_bytes(path.read_bytes())
+    other = pydicom.dcmread(files[3])
+    other.SeriesInstanceUID = pydicom.uid.generate_uid()
+    other.save_as(mixed / "other.dcm")
+    assert main(["predict", "-i", str(mixed), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
+    assert "mixed series" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

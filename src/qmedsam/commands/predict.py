@@ -23,12 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Segment challenge-format cases (2D_*.npz with imgs (H,W,3)+boxes (N,4); 3D_*.npz with imgs (D,H,W)+"
             "boxes (N,6)). Writes one npz per case with `segs` (label i = box i), timing.csv, and optional PNG "
             "overlays. Bad cases are reported and skipped; the exit code is 1 if any case failed. "
-            "A NIfTI scan (-i scan.nii.gz) needs box prompts (--boxes or --boxes-from) and gives a label NIfTI on "
-            "exactly the scan's grid plus a sidecar JSON."
+            "A NIfTI scan (-i scan.nii.gz) or a DICOM series folder needs box prompts (--boxes or --boxes-from) and "
+            "gives a label NIfTI on exactly the scan's grid plus a sidecar JSON (and, for DICOM, a DICOM SEG)."
         ),
     )
     parser.add_argument(
-        "-i", "--input", required=True, type=Path, help="folder of case .npz files, one case file, or a NIfTI scan"
+        "-i",
+        "--input",
+        required=True,
+        type=Path,
+        help="folder of case .npz files, one case file, a NIfTI scan or a DICOM series folder",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for segmentations and timing.csv")
     parser.add_argument(
@@ -57,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlays", type=Path, default=None, help="write a PNG with mask contours per case here")
     parser.add_argument("--batch", type=int, default=16, help="boxes per decoder call (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
-    scans = parser.add_argument_group("scans (NIfTI input)")
+    scans = parser.add_argument_group("scans (NIfTI file or DICOM series folder)")
     scans.add_argument(
         "--boxes",
         type=Path,
@@ -112,14 +116,15 @@ TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status"
 
 
 def run(args: argparse.Namespace) -> int:
+    from qmedsam.scans.dicom import is_dicom_folder
     from qmedsam.scans.nifti import is_nifti
 
-    if is_nifti(args.input):
+    if is_nifti(args.input) or is_dicom_folder(args.input):
         from qmedsam.commands.predict_scan import run_scan
 
         return run_scan(args, build_engine)
     if args.boxes is not None or args.boxes_from is not None:
-        raise UserFacingError("--boxes / --boxes-from apply to a NIfTI scan (-i scan.nii.gz); case files carry boxes")
+        raise UserFacingError("--boxes / --boxes-from apply to a NIfTI scan or DICOM series; case files carry boxes")
     return run_cases(args)
 
 

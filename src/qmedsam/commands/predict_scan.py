@@ -1,4 +1,5 @@
-"""`qmedsam predict -i scan.nii.gz`: one scan with box prompts -> a label NIfTI on its grid + a sidecar JSON."""
+"""`qmedsam predict -i scan.nii.gz|DICOM_DIR`: one scan with box prompts -> a label NIfTI on its grid, a sidecar
+JSON and, for a DICOM series, a DICOM SEG referencing it. Nothing is written unless the whole scan succeeds."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespac
     from qmedsam import __version__
     from qmedsam.data.cases import CaseError, atomic_write_bytes
     from qmedsam.scans.boxes import boxes_from_labels, read_boxes
+    from qmedsam.scans.dicom import read_dicom_series, write_dicom_seg
     from qmedsam.scans.intensity import parse_window
-    from qmedsam.scans.nifti import nifti_stem, read_nifti, same_grid, write_label_nifti
+    from qmedsam.scans.nifti import is_nifti, nifti_stem, on_grid_of, read_nifti, write_label_nifti
     from qmedsam.scans.segment_scan import segment_scan
 
     _require_nibabel()
@@ -45,18 +47,26 @@ def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespac
         raise UserFacingError("--batch must be at least 1")
     window = parse_window(args.window)
     started = time.perf_counter()
-    scan = read_nifti(args.input)
+    series = None
+    if is_nifti(args.input):
+        scan = read_nifti(args.input)
+        stem = nifti_stem(args.input)
+    else:
+        series = read_dicom_series(args.input)
+        scan = series.scan
+        stem = args.input.resolve().name
     if args.boxes is not None:
         boxes = read_boxes(args.boxes)
         box_source = {"boxes": str(args.boxes.name)}
     else:
         label_scan = read_nifti(args.boxes_from)
-        if not same_grid(scan, label_scan):
+        aligned = on_grid_of(scan, label_scan)
+        if aligned is None:
             raise UserFacingError(
                 f"{args.boxes_from}: label map is on another grid than {args.input} (shape {label_scan.array.shape} "
                 f"vs {scan.array.shape}, or a different affine); expected the scan's own grid"
             )
-        boxes = boxes_from_labels(label_scan.array, str(args.boxes_from))
+        boxes = boxes_from_labels(aligned, str(args.boxes_from))
         box_source = {"boxes_from": str(args.boxes_from.name)}
     engine = build_engine(args)
     try:
@@ -70,14 +80,19 @@ def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespac
         "qmedsam": __version__,
         **result.record,
         "prompts": box_source,
-        "input_sha256": _sha256(args.input),
+        "input_sha256": _sha256(args.input) if series is None else None,
         "seconds": round(seconds, 3),
         "warnings": result.warnings,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = nifti_stem(args.input)
     label_path = args.output / f"{stem}.nii.gz"
     sidecar_path = args.output / f"{stem}.json"
+    if series is not None:
+        if not result.labels.any():
+            raise UserFacingError(f"{args.input}: nothing was segmented, so no DICOM SEG can be written")
+        seg_path = args.output / f"{stem}.seg.dcm"
+        write_dicom_seg(result.labels, series, seg_path, __version__)
+        record["dicom_seg"] = {"file": seg_path.name, "series_instance_uid": str(series.datasets[0].SeriesInstanceUID)}
     write_label_nifti(result.labels, scan, label_path)
     atomic_write_bytes(sidecar_path, (json.dumps(record, indent=2) + "\n").encode())
     print(

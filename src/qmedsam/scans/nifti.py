@@ -76,6 +76,24 @@ def same_grid(a: Scan, b: Scan, atol: float = 1e-3) -> bool:
     return a.array.shape == b.array.shape and np.allclose(a.affine, b.affine, atol=atol)
 
 
+def on_grid_of(scan: Scan, other: Scan, atol: float = 1e-3) -> np.ndarray | None:
+    """`other`'s voxels in `scan`'s voxel order if both cover the same voxels (the same grid stored in another
+    axis order or direction, as DICOM converters differ on), else None."""
+    import nibabel as nib
+
+    if same_grid(scan, other, atol):
+        return other.array
+    ornt = nib.orientations
+    try:
+        transform = ornt.ornt_transform(ornt.io_orientation(other.affine), ornt.io_orientation(scan.affine))
+    except ValueError:
+        return None
+    moved = nib.Nifti1Image(other.array, other.affine).as_reoriented(transform)
+    if moved.shape == scan.array.shape and np.allclose(moved.affine, scan.affine, atol=atol):
+        return np.asarray(moved.dataobj)
+    return None
+
+
 def smallest_label_dtype(max_label: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32):
         if max_label <= np.iinfo(dtype).max:
