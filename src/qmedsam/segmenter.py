@@ -10,38 +10,19 @@ Two ways to use it:
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from qmedsam.data.cases import case_from_arrays
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
+from qmedsam.deploy.export import ModelChoice, resolve_model_dir
 from qmedsam.deploy.runtime import Engine, OpenVINOEngine
 from qmedsam.deploy.segment import DEFAULT_BATCH, PROMPT_STRATEGIES, SliceEncoder, segment_case
 from qmedsam.errors import UserFacingError
 
-ModelChoice = Literal["int8", "fp32"] | str | os.PathLike | None
 DEFAULT_CACHED_SLICES = 32
 """Embeddings kept by the interactive API: 4 MiB each, so 128 MiB at most."""
-
-
-def resolve_model_dir(model: ModelChoice) -> Path:
-    """None -> the default model of `qmedsam predict`; "fp32" -> the pretrained fp32 IR (built once into the
-    user cache); "int8" -> the int8 model shipped in the package; anything else -> a model directory."""
-    from qmedsam.deploy.export import ensure_default_model, shipped_int8_model_dir
-
-    if model is None:
-        return ensure_default_model()
-    if isinstance(model, str) and model == "fp32":
-        return ensure_default_model()
-    if isinstance(model, str) and model == "int8":
-        return shipped_int8_model_dir()
-    path = Path(model)
-    if not path.is_dir():
-        raise UserFacingError(f"{path}: not a model directory; expected 'int8', 'fp32' or a `qmedsam export` folder")
-    return path
 
 
 class Segmenter:

@@ -38,10 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-m",
         "--model",
-        type=Path,
         default=None,
-        help="OpenVINO model directory from `qmedsam export` (default: fp32 IR of the pretrained weights, built once "
-        "into the user cache)",
+        help="'fp32' (the pretrained weights as an fp32 IR, built once into the user cache; the default), 'int8' (the "
+        "int8 model shipped in the package) or an OpenVINO model directory from `qmedsam export`",
     )
     parser.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
     parser.add_argument(
@@ -106,9 +105,9 @@ def build_engine(args: argparse.Namespace):
         return TorchEngine(load_pretrained_litemedsam(args.checkpoint), args.threads)
     if args.checkpoint is not None:
         raise UserFacingError("--checkpoint applies to --engine torch; export it with `qmedsam export` for OpenVINO")
-    from qmedsam.deploy.export import ensure_default_model
+    from qmedsam.deploy.export import resolve_model_dir
 
-    model_dir = args.model if args.model is not None else ensure_default_model()
+    model_dir = resolve_model_dir(args.model)
     return OpenVINOEngine(model_dir, precision=args.precision, num_threads=args.threads)
 
 

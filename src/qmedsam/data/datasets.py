@@ -295,6 +295,18 @@ def _dimension(name: str, imgs: np.ndarray) -> int:
     return 2 if imgs.ndim == 2 or (imgs.ndim == 3 and imgs.shape[2] in (1, 3)) else 3
 
 
+def image_stack(name: str, imgs: np.ndarray) -> tuple[int, np.ndarray]:
+    """(dimension, imgs as (D, H, W[, 3])) of a training file's image, checked as the dataset checks it.
+
+    For readers outside the dataset (calibration slices from unlabelled files); raises ValueError.
+    """
+    try:
+        dimension, stack, _ = _validate(name, imgs, None)
+    except _Skip as exc:
+        raise ValueError(str(exc)) from None
+    return dimension, stack
+
+
 def _validate(name: str, imgs: np.ndarray, gts: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray | None]:
     """-> (dimension, imgs as (D, H, W[, 3]), gts as (D, H, W) compact dtype or None); raises _Skip."""
     if imgs.dtype == np.bool_:

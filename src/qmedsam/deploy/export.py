@@ -243,6 +243,25 @@ def shipped_int8_model_dir() -> Path:
     return SHIPPED_INT8_DIR
 
 
+ModelChoice = str | os.PathLike | None
+"""None (the default model), "fp32", "int8", or a model directory."""
+
+
+def resolve_model_dir(model: ModelChoice) -> Path:
+    """None -> the default model of `qmedsam predict`; "fp32" -> the pretrained fp32 IR (built once into the
+    user cache); "int8" -> the int8 model shipped in the package; anything else -> a model directory."""
+    from qmedsam.errors import UserFacingError
+
+    if model is None or (isinstance(model, str) and model == "fp32"):
+        return ensure_default_model()
+    if isinstance(model, str) and model == "int8":
+        return shipped_int8_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise UserFacingError(f"{path}: not a model directory; expected 'int8', 'fp32' or a `qmedsam export` folder")
+    return path
+
+
 def ensure_default_model() -> Path:
     """Return the default model directory, exporting it from the pretrained weights if needed."""
     from qmedsam.errors import UserFacingError

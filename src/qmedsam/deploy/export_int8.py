@@ -113,6 +113,39 @@ def _file_slices(path: Path, max_boxes: int) -> Iterator[ParitySample]:
             boxes = _label_boxes(labels[zs[i]])
             if len(boxes):
                 yield ParitySample(f"{path.name}[z={zs[i]}]", image[zs[i]], _pick_boxes(boxes, max_boxes))
+    else:  # an unlabelled training file: its image alone
+        yield from _unlabelled_slices(path, data["imgs"])
+
+
+UNLABELLED_BOX_FRACTIONS = (0.25, 0.5, 0.75)
+"""Centred boxes (fraction of each side) prompting an unlabelled slice: the encoder, which holds most of
+the quantizers, does not use the box; the decoder sees small, middle and large objects."""
+
+
+def _unlabelled_slices(path: Path, imgs: np.ndarray) -> Iterator[ParitySample]:
+    """Slices of an unlabelled training file with centred boxes, so calibration sees every modality of a
+    training tree, not only the labelled ones."""
+    from qmedsam.data.datasets import image_stack
+
+    try:
+        _, stack = image_stack(path.name, imgs)
+    except ValueError as exc:
+        log.warning("skipping %s: %s", path, exc)
+        return
+    height, width = stack.shape[1:3]
+    boxes = np.array(
+        [
+            [(1 - f) / 2 * width, (1 - f) / 2 * height, (1 + f) / 2 * width - 1, (1 + f) / 2 * height - 1]
+            for f in UNLABELLED_BOX_FRACTIONS
+        ],
+        dtype=np.float32,
+    ).round()
+    flat = stack.reshape(stack.shape[0], -1)
+    zs = np.flatnonzero(flat.max(axis=1) > flat.min(axis=1))
+    for i in _spread_order(len(zs)):
+        z = int(zs[i])
+        name = path.name if stack.shape[0] == 1 else f"{path.name}[z={z}]"
+        yield ParitySample(name, stack[z], boxes)
 
 
 def real_slices(folder: str | Path, limit: int = 8, max_boxes: int = 16) -> list[ParitySample]:
@@ -120,7 +153,8 @@ def real_slices(folder: str | Path, limit: int = 8, max_boxes: int = 16) -> list
 
     Files take turns (one slice each, round-robin) so every file and modality is represented; 3D
     volumes contribute slices spread over their labelled extent. Case files give their own boxes,
-    training files (`imgs` + `gts`) the tight box of each label in the slice.
+    training files (`imgs` + `gts`) the tight box of each label in the slice, unlabelled training files
+    (`imgs` only) centred boxes.
     """
     folder = Path(folder)
     if not folder.is_dir():
