@@ -31,44 +31,86 @@ def _nifti(raw: bytes):
     return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
 
 
-@pytest.fixture(scope="module")
-def ct_scan(tmp_path_factory) -> tuple[Path, Path]:
-    """example_ct_sm + its `total` segmentation, cut to 4 axial slices through the kidneys, written as files;
-    labels kept: 3 organs renumbered 1..3."""
+def _cut_scan(folder: Path, name: str, image_member: str, seg_member: str, organs: tuple[int, ...] | None):
+    """A TotalSegmentator example scan + its reference segmentation cut to 4 axial slices where most of the
+    kept organs are, written as real NIfTI files (nibabel's slicer updates the affine); organs renumbered 1..n
+    (None: the 3 largest labels)."""
     archive = fetch_sources(keys=["totalsegmentator"])["totalsegmentator"]
-    raw = read_members(archive, [TS_REF + "example_ct_sm.nii.gz", TS_REF + "example_seg.nii.gz"])
-    image = _nifti(raw[TS_REF + "example_ct_sm.nii.gz"])
-    seg = _nifti(raw[TS_REF + "example_seg.nii.gz"])
+    raw = read_members(archive, [TS_REF + image_member, TS_REF + seg_member])
+    image = _nifti(raw[TS_REF + image_member])
+    seg = _nifti(raw[TS_REF + seg_member])
     labels = np.asarray(seg.dataobj).astype(np.int16)
+    if organs is None:
+        organs = tuple(int(v) + 1 for v in np.argsort(np.bincount(labels.ravel())[1:])[::-1][:3])
     mapping = VoxelMapping.from_affine(image.affine, image.shape)
     axial_axis = mapping.source_axis[0]
     kept = np.zeros_like(labels)
-    for new, organ in enumerate(CT_ORGANS, start=1):
+    for new, organ in enumerate(organs, start=1):
         kept[labels == organ] = new
     along = np.moveaxis(kept, axial_axis, 0).reshape(kept.shape[axial_axis], -1)
     rich = int(np.argmax([(np.unique(s) > 0).sum() * 1e6 + (s > 0).sum() for s in along]))
     cut = [slice(None)] * 3
-    cut[axial_axis] = slice(rich - 2, rich + 2)
-    folder = tmp_path_factory.mktemp("scan")
+    cut[axial_axis] = slice(max(0, rich - 2), max(0, rich - 2) + 4)
     image_cut = image.slicer[tuple(cut)]
     label_cut = nib.Nifti1Image(kept[tuple(cut)], image_cut.affine, seg.header)
-    nib.save(image_cut, folder / "ct.nii.gz")
-    nib.save(label_cut, folder / "ct_labels.nii.gz")
-    return folder / "ct.nii.gz", folder / "ct_labels.nii.gz"
+    nib.save(image_cut, folder / f"{name}.nii.gz")
+    nib.save(label_cut, folder / f"{name}_labels.nii.gz")
+    return folder / f"{name}.nii.gz", folder / f"{name}_labels.nii.gz"
 
 
-def _npz_path_segs(image_path: Path, label_path: Path, model_dir: Path) -> np.ndarray:
-    """The demo's npz construction on the same file (to_zyx + CT window) through the case path."""
+@pytest.fixture(scope="module")
+def ct_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """example_ct_sm + its `total` segmentation: spleen and both kidneys on 4 slices."""
+    return _cut_scan(tmp_path_factory.mktemp("scan"), "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", CT_ORGANS)
+
+
+@pytest.fixture(scope="module")
+def mr_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """example_mr_sm + its `total_mr` segmentation: the 3 largest structures on 4 slices."""
+    return _cut_scan(tmp_path_factory.mktemp("scan"), "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", None)
+
+
+def _npz_path_segs(image_path: Path, label_path: Path, model_dir: Path, ct: bool = True) -> np.ndarray:
+    """The demo's npz construction on the same file (to_zyx, then the CT window or the MR percentiles)
+    through the case path."""
     from qmedsam.data.cases import case_from_arrays
-    from qmedsam.data.demo import CT_WINDOW, tight_boxes
+    from qmedsam.data.demo import CT_WINDOW, MR_PERCENTILES, tight_boxes
     from qmedsam.deploy.runtime import OpenVINOEngine
     from qmedsam.deploy.segment import segment_case
 
     volume, _ = to_zyx(nib.load(str(image_path)))
     gts, _ = to_zyx(nib.load(str(label_path)))
-    imgs = ct_to_uint8(volume, **CT_WINDOW)
+    imgs = ct_to_uint8(volume, **CT_WINDOW) if ct else percentile_to_uint8(volume, *MR_PERCENTILES)[0]
     boxes = tight_boxes(gts.astype(np.int64), int(gts.max()))
     return segment_case(OpenVINOEngine(model_dir), case_from_arrays(imgs, boxes, 3, "npz"))
+
+
+def test_mr_nifti_predict_equals_the_npz_path(mr_scan, fp32_model_dir, tmp_path):
+    image_path, label_path = mr_scan
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(image_path),
+                "--boxes-from",
+                str(label_path),
+                "-o",
+                str(out),
+                "-m",
+                str(fp32_model_dir),
+            ]
+        )
+        == 0
+    )
+    source = nib.load(str(image_path))
+    labels = np.asarray(nib.load(str(out / "mr.nii.gz")).dataobj)
+    mapping = VoxelMapping.from_affine(source.affine, source.shape)
+    expected = mapping.to_file(_npz_path_segs(image_path, label_path, fp32_model_dir, ct=False))
+    np.testing.assert_array_equal(labels, expected)
+    assert json.loads((out / "mr.json").read_text())["windowing"]["method"] == "percentiles"
+    assert labels.max() >= 1
 
 
 def test_voxel_mapping_matches_nibabel_canonical_for_any_orientation():
