@@ -393,4 +393,9 @@ def test_bad_dicom_folders(dicom_series, tmp_path, capsys):
     other.save_as(mixed / "other.dcm")
     assert main(["predict", "-i", str(mixed), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
     assert "mixed series" in capsys.readouterr().err
+    # a real study folder as a scanner exports it (pydicom's own test files): three series in one folder
+    study = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892003" / "MR2"
+    assert main(["predict", "-i", str(study), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "MR2: mixed series" in err and "(3 files)" in err
     assert not (tmp_path / "o").exists()
