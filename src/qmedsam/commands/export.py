@@ -125,15 +125,27 @@ def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
     return samples
 
 
-def _source(checkpoint: Path | None) -> dict:
-    from qmedsam.deploy.export import pretrained_source
-    from qmedsam.model.weights import sha256_of
-
-    if checkpoint is None:
-        return pretrained_source()
+def _command() -> str:
+    """The export command as typed (paths made portable), so a model says how it was made."""
     from qmedsam.deploy.export import portable_path
 
-    return {"weights": portable_path(checkpoint), "sha256": sha256_of(checkpoint)}
+    words = [portable_path(word) if word.startswith("/") else word for word in sys.argv[1:]]
+    return " ".join(["qmedsam", *words])
+
+
+def _source(checkpoint: Path | None) -> dict:
+    from qmedsam.deploy.export import portable_path, pretrained_source
+    from qmedsam.model.weights import sha256_of
+
+    source = (
+        pretrained_source()
+        if checkpoint is None
+        else {
+            "weights": portable_path(checkpoint),
+            "sha256": sha256_of(checkpoint),
+        }
+    )
+    return {**source, "command": _command()}
 
 
 def _int8_parity_samples(args: argparse.Namespace):
