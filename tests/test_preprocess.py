@@ -59,3 +59,34 @@ def test_mask_geometry_matches_image_geometry():
     assert small.shape == (256, 256) and set(np.unique(small)) == {0, 3}
     assert mask_box(mask).tolist() == [40, 30, 89, 59]
     assert mask_box(np.zeros((4, 4))) is None
+
+
+def test_postprocess_upscales_only_where_a_mask_can_be_and_changes_nothing():
+    """The region-restricted upscale equals the whole-image upscale pixel for pixel (same arithmetic), and
+    OpenCV's INTER_LINEAR thresholded at 0 (the mapping it reproduces), for small, large, absent and
+    everywhere-positive masks on images smaller and larger than the model square."""
+    import cv2
+
+    from qmedsam.data.preprocess import _linear_taps, upscale_region
+
+    rng = np.random.default_rng(0)
+    for height, width in [(512, 512), (341, 512), (1024, 768), (300, 420), (1500, 2000), (100, 30), (256, 256)]:
+        geometry = geometry_for(height, width)
+        logits = rng.normal(-3, 1, size=(6, 256, 256)).astype(np.float32)
+        for b in range(4):  # objects of random size and place (some fall in the padding)
+            y, x = rng.integers(0, 240, 2)
+            logits[b, y : y + rng.integers(1, 60), x : x + rng.integers(1, 60)] += 6
+        logits[4] = rng.normal(size=(256, 256))  # positive all over
+        logits[5] = -np.abs(logits[5]) - 0.01  # nowhere positive
+        masks = postprocess_logits(logits, geometry)
+        new_h, new_w = geometry.resized
+        for logit, mask in zip(logits, masks, strict=True):
+            crop = np.ascontiguousarray(logit[:new_h, :new_w])
+            if (new_h, new_w) == (height, width):
+                np.testing.assert_array_equal(mask, crop > 0)
+                continue
+            taps = _linear_taps(new_h, height), _linear_taps(new_w, width)
+            whole = upscale_region(crop, *taps, (0, height), (0, width)) > 0
+            np.testing.assert_array_equal(mask, whole)
+            np.testing.assert_array_equal(mask, cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR) > 0)
+        assert not masks[5].any()
