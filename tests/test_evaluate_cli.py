@@ -295,7 +295,7 @@ def test_gap_labels_and_bad_timing(tmp_path: Path, capsys) -> None:
 def test_fatal_input_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", "--pred", str(tmp_path / "empty"), "--gt", str(tmp_path / "empty")]) == 2
-    assert "no ground-truth .npz files" in capsys.readouterr().err
+    assert "no ground-truth .npz or NIfTI files" in capsys.readouterr().err
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path / "empty")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 

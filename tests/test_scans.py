@@ -398,4 +398,12 @@ def test_bad_dicom_folders(dicom_series, tmp_path, capsys):
     assert main(["predict", "-i", str(study), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "MR2: mixed series" in err and "(3 files)" in err
+    # pydicom-data's enhanced (multi-frame) MR: one file holding the whole volume, not read yet
+    archive = fetch_sources(keys=["pydicom-data"])["pydicom-data"]
+    member = "data_store/data/emri_small.dcm"
+    enhanced = tmp_path / "enhanced"
+    enhanced.mkdir()
+    (enhanced / "emri_small.dcm").write_bytes(read_members(archive, [member])[member])
+    assert main(["predict", "-i", str(enhanced), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
+    assert "emri_small.dcm: multi-frame DICOM is not supported" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

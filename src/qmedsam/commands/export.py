@@ -125,18 +125,19 @@ def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
     return samples
 
 
-def _command() -> str:
+def _command(args: argparse.Namespace) -> str:
     """The export command as typed (paths made portable), so a model says how it was made."""
     from qmedsam.deploy.export import portable_path
 
-    words = [portable_path(word) if word.startswith("/") else word for word in sys.argv[1:]]
+    words = [portable_path(word) if word.startswith("/") else word for word in getattr(args, "argv", [])]
     return " ".join(["qmedsam", *words])
 
 
-def _source(checkpoint: Path | None) -> dict:
+def _source(args: argparse.Namespace) -> dict:
     from qmedsam.deploy.export import portable_path, pretrained_source
     from qmedsam.model.weights import sha256_of
 
+    checkpoint = args.checkpoint
     source = (
         pretrained_source()
         if checkpoint is None
@@ -145,7 +146,7 @@ def _source(checkpoint: Path | None) -> dict:
             "sha256": sha256_of(checkpoint),
         }
     )
-    return {**source, "command": _command()}
+    return {**source, "command": _command(args)}
 
 
 def _int8_parity_samples(args: argparse.Namespace):
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_pretrained_litemedsam(args.checkpoint)
         samples = parity_samples_from(args.parity_cases) if args.parity_cases else None
         dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
-        meta = export_float(model, args.out, _source(args.checkpoint), samples, **dice)
+        meta = export_float(model, args.out, _source(args), samples, **dice)
     report = {key: meta[key] for key in ("int8_coverage", "parity_vs_torch") if key in meta}
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
@@ -219,7 +220,7 @@ def run_brevitas(args: argparse.Namespace) -> dict:
         thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
     from qmedsam.deploy.export import portable_path
 
-    source = {**_source(args.checkpoint), "quant_spec": portable_path(args.quant)}
+    source = {**_source(args), "quant_spec": portable_path(args.quant)}
     return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds)
 
 
@@ -235,4 +236,4 @@ def run_ptq(args: argparse.Namespace) -> dict:
     slices = real_slices(args.calib, limit=args.calib_slices)
     samples, samples_from = _int8_parity_samples(args)
     dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
-    return export_ptq(model, args.out, _source(args.checkpoint), slices, samples, samples_from, **dice)
+    return export_ptq(model, args.out, _source(args), slices, samples, samples_from, **dice)
