@@ -129,6 +129,15 @@ def extent_ok(mask: np.ndarray) -> bool:
     return len(rows) > 0 and rows[-1] > rows[0] and cols[-1] > cols[0]
 
 
+def promptable_labels(labels: np.ndarray, min_voxels: int) -> tuple[list[int], list[int]]:
+    """(kept, dropped) label ids: a label is kept when it has `min_voxels` and a box of non-zero width and height."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    kept, dropped = [], []
+    for label, count in zip(ids.tolist(), counts.tolist(), strict=True):
+        (kept if count >= min_voxels and extent_ok(labels == label) else dropped).append(int(label))
+    return kept, dropped
+
+
 def tight_boxes(gts: np.ndarray, n_objects: int) -> np.ndarray:
     """Boxes of labels 1..n: 2D `[x0, y0, x1, y1]`, 3D `[x0, y0, z0, x1, y1, z1]`, inclusive, int64."""
     boxes = np.zeros((n_objects, 4 if gts.ndim == 2 else 6), dtype=np.int64)

@@ -16,31 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import atomic_savez, atomic_write_bytes, load_npz
-from qmedsam.data.demo import extent_ok, relabel, tight_boxes
+from qmedsam.data.demo import promptable_labels, relabel, tight_boxes
+from qmedsam.data.train_tree import labelled_split_entries
 from qmedsam.errors import UserFacingError
 
 MIN_LABEL_VOXELS = 10
 
 
-def _tree_manifest(tree: Path) -> dict:
-    path = tree / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserFacingError(
-            f"{path}: not a training tree manifest (build one with `qmedsam data train`): {exc}"
-        ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
-        raise UserFacingError(f"{path}: expected key 'cases' with a list of files")
-    return manifest
-
-
 def write_split_cases(tree: str | Path, split: str, out: str | Path) -> dict:
     """Write cases + gts for every labelled file of `split`; returns the manifest written to OUT."""
     tree, out = Path(tree), Path(out)
-    entries = [e for e in _tree_manifest(tree)["cases"] if e.get("split") == split and e.get("labelled")]
-    if not entries:
-        raise UserFacingError(f"{tree / 'manifest.json'}: no labelled files in split {split!r}")
+    entries = labelled_split_entries(tree, split)
     written = []
     for entry in entries:
         source = tree / entry["file"]
@@ -48,13 +34,7 @@ def write_split_cases(tree: str | Path, split: str, out: str | Path) -> dict:
         if "imgs" not in arrays or "gts" not in arrays:
             raise UserFacingError(f"{source}: a labelled training file needs keys 'imgs' and 'gts'")
         labels = arrays["gts"]
-        ids, counts = np.unique(labels[labels > 0], return_counts=True)
-        kept, dropped = [], []
-        for label, count in zip(ids.tolist(), counts.tolist(), strict=True):
-            if count >= MIN_LABEL_VOXELS and extent_ok(labels == label):
-                kept.append(label)
-            else:
-                dropped.append(label)
+        kept, dropped = promptable_labels(labels, MIN_LABEL_VOXELS)
         if not kept:
             continue
         gts = relabel(labels, kept)

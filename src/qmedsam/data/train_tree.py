@@ -738,6 +738,23 @@ def load_manifest(out_dir: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def labelled_split_entries(root: Path, split: str) -> list[dict]:
+    """Manifest entries of the labelled files of `split` in a training tree; a clear error when there are none."""
+    path = Path(root) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserFacingError(
+            f"{path}: not a training tree manifest (build one with `qmedsam data train`): {exc}"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
+        raise UserFacingError(f"{path}: expected key 'cases' with a list of files")
+    entries = [e for e in manifest["cases"] if e.get("split") == split and e.get("labelled")]
+    if not entries:
+        raise UserFacingError(f"{path}: no labelled files in split {split!r}")
+    return entries
+
+
 def is_complete(out_dir: Path) -> bool:
     """True when `out_dir` holds a build of this recipe, every file present at its recorded size."""
     manifest = load_manifest(out_dir)

@@ -9,7 +9,6 @@ affordable on a CPU (`val_max_slices`); it is a proxy for, not a replacement of,
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import Case, load_npz
-from qmedsam.data.demo import extent_ok, relabel, tight_boxes
-from qmedsam.errors import UserFacingError
+from qmedsam.data.demo import promptable_labels, relabel, tight_boxes
+from qmedsam.data.train_tree import labelled_split_entries
 from qmedsam.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ class ValidationSlice:
 
 
 def _slice_case(name: str, image: np.ndarray, labels: np.ndarray) -> ValidationSlice | None:
-    ids = [int(i) for i in np.unique(labels) if i > 0]
-    kept = [i for i in ids if np.count_nonzero(labels == i) >= MIN_LABEL_PIXELS and extent_ok(labels == i)]
+    kept, _ = promptable_labels(labels, MIN_LABEL_PIXELS)
     if not kept:
         return None
     gts = relabel(labels, kept)
@@ -47,14 +45,7 @@ def _slice_case(name: str, image: np.ndarray, labels: np.ndarray) -> ValidationS
 
 def validation_slices(root: Path, split: str, limit: int | None) -> list[ValidationSlice]:
     """Up to `limit` labelled slices of the split, taken in turn from each file, evenly over its extent."""
-    manifest_path = Path(root) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserFacingError(f"{manifest_path}: validation needs the tree's manifest ({exc})") from None
-    entries = [e for e in manifest.get("cases", []) if e.get("split") == split and e.get("labelled")]
-    if not entries:
-        raise UserFacingError(f"{manifest_path}: no labelled files in split {split!r} to validate on")
+    entries = labelled_split_entries(root, split)
     per_file: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
     for entry in entries:
         arrays = load_npz(Path(root) / entry["file"])
