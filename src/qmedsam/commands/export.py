@@ -218,8 +218,6 @@ def run_brevitas(args: argparse.Namespace) -> dict:
         thresholds = dataclasses.replace(thresholds, max_unit_error=args.max_block_error)
     if args.min_decoder_dice is not None:
         thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
-    from qmedsam.deploy.export import portable_path
-
     source = {**_source(args), "quant_spec": portable_path(args.quant)}
     return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds)
 

@@ -4,12 +4,10 @@ JSON and, for a DICOM series, a DICOM SEG referencing it. Nothing is written unl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from qmedsam.errors import UserFacingError
 
@@ -21,17 +19,10 @@ def _require_nibabel() -> None:
         raise UserFacingError("reading NIfTI needs nibabel: pip install 'qmedsam[scans]'") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespace], object]) -> int:
     from qmedsam import __version__
     from qmedsam.data.cases import CaseError, atomic_write_bytes
+    from qmedsam.data.sources import sha256_file
     from qmedsam.scans.boxes import boxes_from_labels, read_boxes
     from qmedsam.scans.dicom import read_dicom_series, write_dicom_seg
     from qmedsam.scans.intensity import parse_window
@@ -80,7 +71,7 @@ def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespac
         "qmedsam": __version__,
         **result.record,
         "prompts": box_source,
-        "input_sha256": _sha256(args.input) if series is None else None,
+        "input_sha256": sha256_file(args.input) if series is None else None,
         "seconds": round(seconds, 3),
         "warnings": result.warnings,
     }

@@ -265,9 +265,9 @@ def resolve_model_dir(model: ModelChoice) -> Path:
     user cache); "int8" -> the int8 model shipped in the package; anything else -> a model directory."""
     from qmedsam.errors import UserFacingError
 
-    if model is None or (isinstance(model, str) and model == "fp32"):
+    if model is None or model == "fp32":
         return ensure_default_model()
-    if isinstance(model, str) and model == "int8":
+    if model == "int8":
         return shipped_int8_model_dir()
     path = Path(model)
     if not path.is_dir():

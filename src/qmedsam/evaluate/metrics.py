@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from qmedsam.errors import UserFacingError
+from qmedsam.scans.nifti import is_nifti
 
 log = logging.getLogger(__name__)
 
@@ -328,35 +329,26 @@ def resolve_spacing(task: CaseTask, shape: tuple[int, ...]) -> tuple[tuple[float
     return spacing, str(source), warnings
 
 
-def _is_nifti(path: Path) -> bool:
-    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
-
-
 def read_nifti_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """A label NIfTI -> (integer labels in file voxel order, voxel sizes of those axes in mm, affine)."""
     from qmedsam.data.cases import CaseError
+    from qmedsam.scans.nifti import read_nifti
 
     try:
-        import nibabel as nib
-
-        image = nib.load(str(path))
-        labels = np.asarray(image.dataobj)
+        scan = read_nifti(path)  # a 3D volume (a trailing axis of 1 dropped), numeric and finite
     except ImportError:
         raise CaseError(f"{path}: reading NIfTI needs nibabel (pip install 'qmedsam[scans]')") from None
-    except Exception as exc:
-        raise CaseError(f"{path}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from None
-    if labels.ndim == 4 and labels.shape[3] == 1:
-        labels = labels[..., 0]
-    if labels.ndim != 3:
-        raise CaseError(f"{path}: label map has shape {labels.shape}; expected a 3D volume")
+    except UserFacingError as exc:
+        raise CaseError(str(exc)) from None
+    labels = scan.array
     if labels.dtype.kind == "f":
         if not np.array_equal(labels, np.round(labels)):
             raise CaseError(f"{path}: label map holds non-integer values")
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "uib" or (labels.size and labels.min() < 0):
         raise CaseError(f"{path}: label map must hold integer labels >= 0 (dtype {labels.dtype})")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return labels, zooms, np.asarray(image.affine)  # type: ignore[return-value]
+    zooms = tuple(float(z) for z in scan.header.get_zooms()[:3])
+    return labels, zooms, scan.affine  # type: ignore[return-value]
 
 
 def evaluate_task(task: CaseTask) -> CaseResult:
@@ -365,7 +357,7 @@ def evaluate_task(task: CaseTask) -> CaseResult:
 
     result = CaseResult(case=task.name, modality=modality_of(task.name))
     try:
-        if _is_nifti(task.gt_path):
+        if is_nifti(task.gt_path):
             return _evaluate_nifti(task, result)
         from qmedsam.data.cases import read_ground_truth
 
@@ -417,7 +409,7 @@ def _evaluate_nifti(task: CaseTask, result: CaseResult) -> CaseResult:
     from qmedsam.data.cases import CaseError
 
     gt, zooms, affine = read_nifti_labels(task.gt_path)
-    if not _is_nifti(task.pred_path):
+    if not is_nifti(task.pred_path):
         raise CaseError(f"{task.pred_path}: expected a NIfTI prediction for the NIfTI ground truth {task.gt_path}")
     pred, _, pred_affine = read_nifti_labels(task.pred_path)
     result.shape, result.dimension = tuple(gt.shape), 3
@@ -441,10 +433,10 @@ def _evaluate_nifti(task: CaseTask, result: CaseResult) -> CaseResult:
 # A folder.
 
 
-def _npz_names(folder: Path) -> list[str]:
+def _label_file_names(folder: Path) -> list[str]:
     """Label files of a folder: challenge .npz files and NIfTI label maps (.nii, .nii.gz)."""
     return sorted(
-        p.name for p in folder.iterdir() if p.is_file() and (p.suffix == ".npz" or _is_nifti(p)) and p.name[0] != "."
+        p.name for p in folder.iterdir() if p.is_file() and (p.suffix == ".npz" or is_nifti(p)) and p.name[0] != "."
     )
 
 
@@ -474,10 +466,10 @@ def evaluate_folder(
     for label, folder in (("--pred", pred_dir), ("--gt", gt_dir), ("--images", images)):
         if folder is not None and not folder.is_dir():
             raise UserFacingError(f"{label} {folder} is not a folder")
-    gt_names = _npz_names(gt_dir)
+    gt_names = _label_file_names(gt_dir)
     if not gt_names:
         raise UserFacingError(f"no ground-truth .npz or NIfTI files in {gt_dir}")
-    pred_names = set(_npz_names(pred_dir))
+    pred_names = set(_label_file_names(pred_dir))
     extra = [
         f"{pred_dir / name}: prediction has no ground truth in {gt_dir} (not evaluated)"
         for name in sorted(pred_names - set(gt_names))

@@ -8,7 +8,7 @@ series and the SEG's frames are the source images' own.
 
 from __future__ import annotations
 
-import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +94,7 @@ def read_dicom_series(folder: str | Path) -> DicomSeries:
             paths.append(path)
     if not datasets:
         raise UserFacingError(f"{folder}: no DICOM images found")
-    series = {}
-    for ds in datasets:
-        series.setdefault(str(getattr(ds, "SeriesInstanceUID", "?")), 0)
-        series[str(getattr(ds, "SeriesInstanceUID", "?"))] += 1
+    series = Counter(str(getattr(ds, "SeriesInstanceUID", "?")) for ds in datasets)
     if len(series) > 1:
         listed = ", ".join(f"{uid} ({n} files)" for uid, n in series.items())
         raise UserFacingError(f"{folder}: mixed series ({listed}); put one series per folder")
@@ -170,7 +167,7 @@ def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, softwar
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from qmedsam.data.cases import atomic_write_bytes
+    from qmedsam.data.cases import atomic_write
 
     values = [int(v) for v in np.unique(labels) if v != 0]
     if not values:
@@ -208,6 +205,4 @@ def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, softwar
         device_serial_number="none",
         series_description="qmedsam box-prompted segmentation",
     )
-    buffer = io.BytesIO()
-    seg.save_as(buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, seg.save_as)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from qmedsam.data.cases import atomic_write_bytes, segmentation_dtype
 from qmedsam.errors import UserFacingError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -33,7 +34,7 @@ class Scan:
     path: Path
     array: np.ndarray  # (I, J, K) as stored (scaled by the header's slope/intercept)
     affine: np.ndarray
-    header: object  # nibabel header of the input (qform/sform codes, zooms)
+    header: Any  # nibabel header of the input (qform/sform codes, zooms)
     modality: str | None = None  # known for DICOM; None for NIfTI
 
 
@@ -94,13 +95,6 @@ def on_grid_of(scan: Scan, other: Scan, atol: float = 1e-3) -> np.ndarray | None
     return None
 
 
-def smallest_label_dtype(max_label: int) -> np.dtype:
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_label <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise UserFacingError(f"label {max_label} does not fit a 32-bit label map")
-
-
 def write_label_nifti(labels: np.ndarray, like: Scan, path: Path) -> None:
     """Label map (file voxel order) on the grid of `like`: same shape, affine, qform/sform and codes;
     the smallest unsigned integer dtype; no intensity scaling. Written atomically."""
@@ -108,29 +102,15 @@ def write_label_nifti(labels: np.ndarray, like: Scan, path: Path) -> None:
 
     if labels.shape != like.array.shape:
         raise ValueError(f"label map shape {labels.shape} is not the scan's {like.array.shape}")
-    dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
-    header = like.header.copy() if hasattr(like.header, "copy") else None
-    out = nib.Nifti1Image(labels.astype(dtype), like.affine, header)
+    dtype = segmentation_dtype(int(labels.max()) if labels.size else 0)
+    out = nib.Nifti1Image(labels.astype(dtype), like.affine, like.header.copy())
     out.set_data_dtype(dtype)
-    if header is not None:
-        qform, qcode = like.header.get_qform(coded=True)
-        sform, scode = like.header.get_sform(coded=True)
-        # the input's own qform/sform and codes, unset ones included, so a reader derives the same affine
-        out.set_qform(qform, int(qcode)) if qform is not None else out.set_qform(None)
-        out.set_sform(sform, int(scode)) if sform is not None else out.set_sform(None)
+    # the input's own qform/sform and codes, unset ones included (None, code 0), so a reader derives the same affine
+    qform, qcode = like.header.get_qform(coded=True)
+    sform, scode = like.header.get_sform(coded=True)
+    out.set_qform(qform, int(qcode))
+    out.set_sform(sform, int(scode))
     out.header.set_slope_inter(1.0, 0.0)
     out.header["descrip"] = b"qmedsam labels"
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".nii.gz" if path.name.endswith(".gz") else ".nii", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        nib.save(out, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = out.to_bytes()
+    atomic_write_bytes(path, gzip.compress(payload, mtime=0) if Path(path).name.endswith(".gz") else payload)
