@@ -4,7 +4,8 @@ Run by `make int8-model` after `benchmarks/qat_compare.sh` has exported and scor
     python benchmarks/ship_int8.py --compare runs/compare --name reconstructed
 The model's meta.json gains a `shipped` record: which candidate, its DSC / NSD next to fp32's on the
 validation split and the demo cases (from the `qmedsam evaluate` summaries), its size, and the command that
-regenerates it. Files get normal permissions; the old shipped model is replaced only when all is written.
+regenerates it. Files get normal permissions; the old shipped model is replaced only when all is written
+(`qmedsam.deploy.export.staged_directory`, as every export).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from qmedsam.data.cases import atomic_write_bytes
+from qmedsam.deploy.export import staged_directory
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = REPO / "src" / "qmedsam" / "models" / "int8"
@@ -70,21 +73,10 @@ def main() -> int:
         "size_bytes": size,
         "regenerate": "make int8-model",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".int8.", dir=args.out.parent))
-    try:
-        staging.chmod(0o755)
+    with staged_directory(args.out) as staging:  # normal permissions; replaces the old model only when complete
         for name in FILES:
             shutil.copyfile(source / name, staging / name)
-            (staging / name).chmod(0o644)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (staging / "meta.json").chmod(0o644)
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        staging.rename(args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        atomic_write_bytes(staging / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     print(json.dumps(meta["shipped"], indent=2))
     print(f"shipped {source} -> {args.out} ({size / 1e6:.1f} MB)")
     return 0

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from qmedsam.data.cases import case_from_arrays
+from qmedsam.data.cases import case_from_arrays, image_dimension, validated_image
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.deploy.export import ModelChoice, resolve_model_dir
 from qmedsam.deploy.runtime import Engine, OpenVINOEngine
@@ -78,9 +78,9 @@ class Segmenter:
         Nothing is encoded yet: a slice is encoded the first time a box asks for it.
         """
         image = np.asarray(image)
-        dimension = 2 if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)) else 3
-        case = case_from_arrays(image, _whole_box(image, dimension), dimension, "set_image")
-        volume = case.image[None] if dimension == 2 else case.image
+        dimension = image_dimension(image)
+        checked = validated_image(image, dimension, "set_image")
+        volume = checked[None] if dimension == 2 else checked
         self._encoder = SliceEncoder(self.engine, volume, max_cached=self.cached_slices)
         self._dimension = dimension
 
@@ -126,13 +126,6 @@ class Segmenter:
         assert geometry is not None
         logits = self.engine.decode(embedding, scale_boxes(checked.boxes, geometry))
         return postprocess_logits(logits, geometry)[0]
-
-
-def _whole_box(image: np.ndarray, dimension: int) -> np.ndarray:
-    """A box covering the image, so `case_from_arrays` validates an image on its own."""
-    if dimension == 2:
-        return np.array([0, 0, max(1, image.shape[1] - 1), max(1, image.shape[0] - 1)])
-    return np.array([0, 0, 0, max(1, image.shape[2] - 1), max(1, image.shape[1] - 1), image.shape[0] - 1])
 
 
 __all__ = ["Segmenter", "resolve_model_dir"]

@@ -20,9 +20,15 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def normal_permissions(path: str | os.PathLike, directory: bool = False) -> None:
+    """The permissions a plain `open`/`mkdir` would give (mkstemp/mkdtemp make 0600/0700), so outputs and
+    model directories are readable by other users, e.g. a non-root container user."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 def _publish(tmp_name: str, path: Path) -> None:
-    """Give the temporary file normal permissions (mkstemp makes it 0600) and rename it into place."""
-    os.chmod(tmp_name, 0o666 & ~_UMASK)
+    """Give the temporary file normal permissions and rename it into place."""
+    normal_permissions(tmp_name)
     os.replace(tmp_name, path)
 
 
@@ -179,9 +185,7 @@ def read_case(path: str | os.PathLike) -> Case:
         if boxes.ndim == 2 and boxes.shape[1] in (4, 6):
             dimension = 2 if boxes.shape[1] == 4 else 3
         else:
-            dimension = (
-                2 if data["imgs"].ndim == 2 or (data["imgs"].ndim == 3 and data["imgs"].shape[2] in (1, 3)) else 3
-            )
+            dimension = image_dimension(data["imgs"])
     warnings: list[str] = []
     image = _validate_image(path, data["imgs"], dimension)
     shape = image.shape[:2] if dimension == 2 else image.shape
@@ -190,13 +194,23 @@ def read_case(path: str | os.PathLike) -> Case:
     return Case(path=path, dimension=dimension, image=image, boxes=boxes, spacing=spacing, warnings=warnings)
 
 
+def image_dimension(image: np.ndarray) -> Literal[2, 3]:
+    """2 for (H, W), (H, W, 1) or (H, W, 3) images, else 3 (a (D, H, W) volume)."""
+    return 2 if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)) else 3
+
+
+def validated_image(image: np.ndarray, dimension: Literal[2, 3], source: str) -> np.ndarray:
+    """An in-memory image checked as `read_case` checks a file's `imgs` (2D grey becomes (H, W, 3))."""
+    return _validate_image(Path(source), np.asarray(image), dimension)
+
+
 def case_from_arrays(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2, 3], source: str) -> Case:
     """A validated case from in-memory arrays (the Python API), checked exactly as `read_case` checks a file;
     `source` names the arrays in error messages (e.g. 'segment_2d')."""
     if dimension not in (2, 3):
         raise CaseError(f"{source}: dimension must be 2 or 3, got {dimension!r}")
     path = Path(source)
-    image = _validate_image(path, np.asarray(image), dimension)
+    image = validated_image(image, dimension, source)
     shape = image.shape[:2] if dimension == 2 else image.shape
     warnings: list[str] = []
     boxes = _validate_boxes(path, np.asarray(boxes), dimension, tuple(shape), warnings)

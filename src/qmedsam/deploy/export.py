@@ -198,10 +198,10 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from qmedsam.data.cases import normal_permissions
+
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700: a model must be readable by other users
+    normal_permissions(staging, directory=True)  # mkdtemp makes it 0700: a model must be readable by others
     try:
         yield staging
         if out_dir.exists():
