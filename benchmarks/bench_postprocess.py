@@ -9,13 +9,14 @@ the machine:  .venv/bin/python benchmarks/bench_postprocess.py
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 
 import cv2
 import numpy as np
 
 from qmedsam.data.preprocess import geometry_for, postprocess_logits
+from qmedsam.deploy.bench import median_ms
+
+REPEATS = 15
 
 
 def whole_image(logits: np.ndarray, geometry) -> np.ndarray:
@@ -36,15 +37,6 @@ def make_logits(rng: np.random.Generator, side: int, boxes: int = 16) -> np.ndar
     return logits
 
 
-def median_ms(fn, repeats: int = 15) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def main() -> None:
     cv2.setNumThreads(2)
     rng = np.random.default_rng(0)
@@ -56,8 +48,8 @@ def main() -> None:
         for side in (8, 32, 128):
             logits = make_logits(rng, side)
             assert np.array_equal(whole_image(logits, geometry), postprocess_logits(logits, geometry))
-            old = median_ms(lambda logits=logits, geometry=geometry: whole_image(logits, geometry))
-            new = median_ms(lambda logits=logits, geometry=geometry: postprocess_logits(logits, geometry))
+            old = median_ms(lambda logits=logits, geometry=geometry: whole_image(logits, geometry), REPEATS)
+            new = median_ms(lambda logits=logits, geometry=geometry: postprocess_logits(logits, geometry), REPEATS)
             print(f"| {height}x{width} | {side} | {old:.1f} | {new:.1f} | {old / new:.1f}x |")
 
 

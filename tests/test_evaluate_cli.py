@@ -39,6 +39,11 @@ def _shifted_predictions(demo_dir: Path, out: Path) -> dict[str, np.ndarray]:
     return preds
 
 
+def _evaluate(pred: Path, gt: Path, *extra: str) -> int:
+    """`qmedsam evaluate --pred PRED --gt GT EXTRA...` in process; its exit code."""
+    return main(["evaluate", "--pred", str(pred), "--gt", str(gt), *extra])
+
+
 def test_demo_end_to_end_with_report_and_timing(demo_dir: Path, tmp_path: Path, capsys) -> None:
     pred_dir = tmp_path / "pred"
     preds = _shifted_predictions(demo_dir, pred_dir)
@@ -50,22 +55,17 @@ def test_demo_end_to_end_with_report_and_timing(demo_dir: Path, tmp_path: Path, 
             writer.writerow([name, name[:2], "", 1, 1.0 + i, "ok", ""])
         writer.writerow(["3D_XX_gone.npz", "3D", "XX", 1, 99.0, "error", "boom"])
     report = tmp_path / "report"
-    code = main(
-        [
-            "evaluate",
-            "--pred",
-            str(pred_dir),
-            "--gt",
-            str(demo_dir / "gts"),
-            "--images",
-            str(demo_dir / "cases"),
-            "--report",
-            str(report),
-            "--workers",
-            "2",
-            "--worst",
-            "2",
-        ]
+    code = _evaluate(
+        pred_dir,
+        demo_dir / "gts",
+        "--images",
+        str(demo_dir / "cases"),
+        "--report",
+        str(report),
+        "--workers",
+        "2",
+        "--worst",
+        "2",
     )
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -107,19 +107,7 @@ def test_perfect_predictions_score_one_and_results_go_next_to_predictions(
     pred_dir = tmp_path / "pred"
     for gt_path in (demo_dir / "gts").glob("*.npz"):
         _write(pred_dir / gt_path.name, segs=read_ground_truth(gt_path))
-    code = main(
-        [
-            "evaluate",
-            "--pred",
-            str(pred_dir),
-            "--gt",
-            str(demo_dir / "gts"),
-            "--images",
-            str(demo_dir / "cases"),
-            "--workers",
-            "1",
-        ]
-    )
+    code = _evaluate(pred_dir, demo_dir / "gts", "--images", str(demo_dir / "cases"), "--workers", "1")
     assert code == 0, capsys.readouterr().err
     summary = json.loads((pred_dir / "summary.json").read_text())
     assert summary["overall"]["dsc"] == pytest.approx(1.0) and summary["overall"]["nsd"] == pytest.approx(1.0)
@@ -278,17 +266,7 @@ def test_gap_labels_and_bad_timing(tmp_path: Path, capsys) -> None:
     assert [r["dsc"] for r in rows] == ["1", "nan", "1"]
 
     (tmp_path / "t.csv").write_text("name,time\nx,1\n")
-    code = main(
-        [
-            "evaluate",
-            "--pred",
-            str(tmp_path / "pred"),
-            "--gt",
-            str(tmp_path / "gts"),
-            "--timing",
-            str(tmp_path / "t.csv"),
-        ]
-    )
+    code = _evaluate(tmp_path / "pred", tmp_path / "gts", "--timing", str(tmp_path / "t.csv"))
     assert code == 2 and "missing column(s) ['case', 'seconds']" in capsys.readouterr().err
 
 

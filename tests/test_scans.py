@@ -25,6 +25,11 @@ TS_REF = "totalsegmentator-2.18.0/tests/reference_files/"
 CT_ORGANS = (1, 2, 3)  # spleen, kidney_right, kidney_left in TotalSegmentator's `total` class map
 
 
+def _predict(source: Path, out: Path, model_dir: Path, *prompt: str) -> int:
+    """`qmedsam predict -i SOURCE -o OUT -m MODEL PROMPT...` in process; its exit code."""
+    return main(["predict", "-i", str(source), "-o", str(out), "-m", str(model_dir), *prompt])
+
+
 def _nifti(raw: bytes):
     import gzip
 
@@ -88,22 +93,7 @@ def _npz_path_segs(image_path: Path, label_path: Path, model_dir: Path, ct: bool
 def test_mr_nifti_predict_equals_the_npz_path(mr_scan, fp32_model_dir, tmp_path):
     image_path, label_path = mr_scan
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                "-i",
-                str(image_path),
-                "--boxes-from",
-                str(label_path),
-                "-o",
-                str(out),
-                "-m",
-                str(fp32_model_dir),
-            ]
-        )
-        == 0
-    )
+    assert _predict(image_path, out, fp32_model_dir, "--boxes-from", str(label_path)) == 0
     source = nib.load(str(image_path))
     labels = np.asarray(nib.load(str(out / "mr.nii.gz")).dataobj)
     mapping = VoxelMapping.from_affine(source.affine, source.shape)
@@ -142,10 +132,7 @@ def test_voxel_mapping_matches_nibabel_canonical_for_any_orientation():
 def test_nifti_predict_equals_the_npz_path_on_the_input_grid(ct_scan, fp32_model_dir, tmp_path):
     image_path, label_path = ct_scan
     out = tmp_path / "out"
-    rc = main(
-        ["predict", "-i", str(image_path), "--boxes-from", str(label_path), "-o", str(out), "-m", str(fp32_model_dir)]
-    )
-    assert rc == 0
+    assert _predict(image_path, out, fp32_model_dir, "--boxes-from", str(label_path)) == 0
     result = nib.load(str(out / "ct.nii.gz"))
     source = nib.load(str(image_path))
     assert result.shape == source.shape and np.allclose(result.affine, source.affine)
@@ -193,37 +180,10 @@ def test_reoriented_scan_gives_the_same_voxels(ct_scan, fp32_model_dir, tmp_path
         json.dumps([{"box": b.tolist(), "label": int(v)} for b, v in zip(prompts.boxes, prompts.labels, strict=True)])
     )
     assert (
-        main(
-            [
-                "predict",
-                "-i",
-                str(tmp_path / "moved.nii.gz"),
-                "--boxes",
-                str(tmp_path / "boxes.json"),
-                "-o",
-                str(tmp_path / "a"),
-                "-m",
-                str(fp32_model_dir),
-            ]
-        )
+        _predict(tmp_path / "moved.nii.gz", tmp_path / "a", fp32_model_dir, "--boxes", str(tmp_path / "boxes.json"))
         == 0
     )
-    assert (
-        main(
-            [
-                "predict",
-                "-i",
-                str(image_path),
-                "--boxes-from",
-                str(label_path),
-                "-o",
-                str(tmp_path / "b"),
-                "-m",
-                str(fp32_model_dir),
-            ]
-        )
-        == 0
-    )
+    assert _predict(image_path, tmp_path / "b", fp32_model_dir, "--boxes-from", str(label_path)) == 0
     moved_out = nib.load(str(tmp_path / "a" / "moved.nii.gz"))
     undo = nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt(("A", "I", "L")), nib.orientations.io_orientation(image.affine)
@@ -240,7 +200,7 @@ def test_bad_scan_inputs_fail_clearly_and_write_nothing(ct_scan, fp32_model_dir,
     out = tmp_path / "out"
 
     def run(*extra: str) -> str:
-        assert main(["predict", "-i", str(image_path), "-o", str(out), "-m", str(fp32_model_dir), *extra]) == 2
+        assert _predict(image_path, out, fp32_model_dir, *extra) == 2
         return capsys.readouterr().err
 
     assert "boxes are required: --boxes or --boxes-from" in run()
@@ -332,22 +292,7 @@ def test_dicom_series_to_seg_and_nifti(dicom_series, fp32_model_dir, tmp_path):
 
     _, series_dir, labels_path = dicom_series
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "predict",
-                "-i",
-                str(series_dir),
-                "--boxes-from",
-                str(labels_path),
-                "-o",
-                str(out),
-                "-m",
-                str(fp32_model_dir),
-            ]
-        )
-        == 0
-    )
+    assert _predict(series_dir, out, fp32_model_dir, "--boxes-from", str(labels_path)) == 0
     series = read_dicom_series(series_dir)
     result = nib.load(str(out / "series4.nii.gz"))
     assert result.shape == series.scan.array.shape and np.allclose(result.affine, series.scan.affine)
