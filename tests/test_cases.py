@@ -42,6 +42,13 @@ def test_grey_2d_images_become_rgb(tmp_path, grey):
     assert case.image.shape == (40, 60, 3)
 
 
+def test_rgba_2d_image_drops_alpha_with_a_warning(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 255, (40, 60, 4), dtype=np.uint8)
+    case = read_case(write(tmp_path, "2D_X_Y_1.npz", imgs=rgba, boxes=np.array([[1, 2, 10, 20]])))
+    assert case.image.shape == (40, 60, 3) and np.array_equal(case.image, rgba[:, :, :3])
+    assert case.warnings == ["2D_X_Y_1.npz: key 'imgs' is RGBA (40, 60, 4); alpha channel dropped"]
+
+
 def test_float_images_are_accepted(tmp_path):
     case = read_case(write(tmp_path, "2D_X_Y_1.npz", imgs=np.random.rand(40, 60), boxes=np.array([[1, 2, 10, 20]])))
     assert case.image.dtype.kind == "f"
@@ -58,7 +65,7 @@ def test_partly_outside_box_is_clipped_with_warning(tmp_path):
     [
         ({"boxes": np.array([[1, 2, 10, 20]])}, "missing key 'imgs'"),
         ({"imgs": IMG2D}, "missing key 'boxes'"),
-        ({"imgs": np.zeros((40, 60, 4), np.uint8), "boxes": np.array([[1, 2, 10, 20]])}, "expected (H, W, 3)"),
+        ({"imgs": np.zeros((40, 60, 5), np.uint8), "boxes": np.array([[1, 2, 10, 20]])}, "expected (H, W, 3)"),
         ({"imgs": IMG2D, "boxes": np.zeros((0, 4))}, "is empty"),
         ({"imgs": IMG2D, "boxes": np.array([[1, 2, 10]])}, "expected (N, 4)"),
         ({"imgs": IMG2D, "boxes": np.array([[10, 2, 1, 20]])}, "inverted"),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from qmedsam.data.cases import Case
+from qmedsam.data.preprocess import geometry_for, postprocess_logits
 from qmedsam.deploy.segment import segment_case
 
 
@@ -70,6 +72,26 @@ def test_3d_propagation_follows_the_previous_mask_and_shares_embeddings():
     assert first_prompt.tolist() == [10, 10, 60, 60]  # middle slice: the original box
     assert second_prompt.tolist() == [7, 7, 63, 63]  # next slice: previous mask box widened by 3 px
     assert segs[0, 30, 30] == 1 and segs[2, 30, 30] == 2
+
+
+def test_3d_propagation_resizes_the_previous_mask_like_the_baseline_on_upscaled_images():
+    """A 45x120 slice is upscaled 2.13x: the next prompt is the box of the mask after the image's own
+    INTER_AREA resize (the baseline's `resize_longest_side` of its uint8 label slice), widened by 3 and
+    clamped to [0, 256] - not the tight box in original pixels scaled (which differs here)."""
+    engine = BoxEngine()
+    case = make_case(3, [[7, 5, 0, 50, 30, 2]], (3, 45, 120))
+    segment_case(engine, case, prompt_mode="propagate")
+    # BoxEngine's mask of the middle prompt floor(box * 256/120), mapped back by the real post-processing:
+    geometry = geometry_for(45, 120)
+    logits = engine.decode(np.zeros(1), engine.prompts[0][None])
+    first_mask = postprocess_logits(logits, geometry)[0].astype(np.uint8)
+    resized = cv2.resize(first_mask, (256, 96), interpolation=cv2.INTER_AREA)  # label 1, as the baseline's volume
+    ys, xs = np.nonzero(resized)
+    expected = [max(0, xs.min() - 3), max(0, ys.min() - 3), min(256, xs.max() + 3), min(256, ys.max() + 3)]
+    assert engine.prompts[1].tolist() == expected
+    ys, xs = np.nonzero(first_mask)
+    scaled_tight = [np.floor(xs.min() * geometry.scale) - 3, np.floor(ys.min() * geometry.scale) - 3]
+    assert scaled_tight != expected[:2]  # the old rule gave a different prompt on this image
 
 
 def test_many_objects_use_a_wider_dtype():

@@ -10,11 +10,12 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
 
-from qmedsam.data.cases import case_from_arrays, image_dimension, validated_image
+from qmedsam.data.cases import Case, case_from_arrays, image_dimension, validated_image
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.deploy.export import ModelChoice, resolve_model_dir
 from qmedsam.deploy.runtime import Engine, OpenVINOEngine
@@ -60,26 +61,29 @@ class Segmenter:
 
     def segment_2d(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """(H, W) label map for a 2D image and (N, 4) boxes; dtype the smallest unsigned type holding N."""
-        return segment_case(self.engine, case_from_arrays(image, boxes, 2, "segment_2d"), batch=self.batch)
+        return segment_case(self.engine, _checked_case(image, boxes, 2, "segment_2d"), batch=self.batch)
 
     def segment_3d(self, volume: np.ndarray, boxes: np.ndarray, prompt_mode: str = "fixed") -> np.ndarray:
         """(D, H, W) label map for a volume and (N, 6) boxes with the 3D prompt rule `prompt_mode`
         ('fixed': the box's xy extent on every slice of its z range; 'propagate': the LiteMedSAM baseline's)."""
         if prompt_mode not in PROMPT_STRATEGIES:
             raise UserFacingError(f"prompt_mode must be one of {sorted(PROMPT_STRATEGIES)}, got {prompt_mode!r}")
-        case = case_from_arrays(volume, boxes, 3, "segment_3d")
+        case = _checked_case(volume, boxes, 3, "segment_3d")
         return segment_case(self.engine, case, prompt_mode=prompt_mode, batch=self.batch)
 
     # -- interactive -------------------------------------------------------------------------------
 
     def set_image(self, image: np.ndarray) -> None:
-        """Hold a 2D image ((H, W), (H, W, 1), (H, W, 3)) or a 3D volume ((D, H, W)) for `predict`.
+        """Hold a 2D image ((H, W), (H, W, 1), (H, W, 3), RGBA (H, W, 4)) or a 3D volume ((D, H, W)) for `predict`.
 
         Nothing is encoded yet: a slice is encoded the first time a box asks for it.
         """
         image = np.asarray(image)
         dimension = image_dimension(image)
-        checked = validated_image(image, dimension, "set_image")
+        recovered: list[str] = []
+        checked = validated_image(image, dimension, "set_image", recovered)
+        for message in recovered:
+            warnings.warn(message, stacklevel=2)
         volume = checked[None] if dimension == 2 else checked
         self._encoder = SliceEncoder(self.engine, volume, max_cached=self.cached_slices)
         self._dimension = dimension
@@ -129,3 +133,11 @@ class Segmenter:
 
 
 __all__ = ["Segmenter", "resolve_model_dir"]
+
+
+def _checked_case(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2, 3], source: str) -> Case:
+    """`case_from_arrays`, with what it recovered (RGBA alpha dropped, boxes clipped) raised as Python warnings."""
+    case = case_from_arrays(image, boxes, dimension, source)
+    for message in case.warnings:
+        warnings.warn(message, stacklevel=3)
+    return case

@@ -92,7 +92,7 @@ def _dimension_from_name(path: Path) -> int | None:
     return {"2D": 2, "3D": 3}.get(prefix)
 
 
-def _validate_image(path: Path, image: np.ndarray, dimension: int) -> np.ndarray:
+def _validate_image(path: Path, image: np.ndarray, dimension: int, warnings: list[str]) -> np.ndarray:
     if image.dtype.kind not in "uif" and image.dtype != np.bool_:
         raise CaseError(f"{path}: key 'imgs' has dtype {image.dtype}; expected a numeric image (uint8 preferred)")
     if dimension == 2:
@@ -100,9 +100,13 @@ def _validate_image(path: Path, image: np.ndarray, dimension: int) -> np.ndarray
             image = np.repeat(image[:, :, None], 3, axis=2)
         elif image.ndim == 3 and image.shape[2] == 1:
             image = np.repeat(image, 3, axis=2)
+        elif image.ndim == 3 and image.shape[2] == 4:
+            image = np.ascontiguousarray(image[:, :, :3])
+            warnings.append(f"{path.name}: key 'imgs' is RGBA {image.shape[:2] + (4,)}; alpha channel dropped")
         elif not (image.ndim == 3 and image.shape[2] == 3):
             raise CaseError(
-                f"{path}: key 'imgs' has shape {image.shape}; expected (H, W, 3), (H, W, 1) or (H, W) for a 2D case"
+                f"{path}: key 'imgs' has shape {image.shape}; expected (H, W, 3), (H, W, 4) RGBA, (H, W, 1) or (H, W) "
+                "for a 2D case"
             )
     elif image.ndim != 3:
         raise CaseError(f"{path}: key 'imgs' has shape {image.shape}; expected (D, H, W) for a 3D case")
@@ -187,7 +191,7 @@ def read_case(path: str | os.PathLike) -> Case:
         else:
             dimension = image_dimension(data["imgs"])
     warnings: list[str] = []
-    image = _validate_image(path, data["imgs"], dimension)
+    image = _validate_image(path, data["imgs"], dimension, warnings)
     shape = image.shape[:2] if dimension == 2 else image.shape
     boxes = _validate_boxes(path, boxes, dimension, tuple(shape), warnings)
     spacing = _validate_spacing(path, data, warnings)
@@ -195,13 +199,16 @@ def read_case(path: str | os.PathLike) -> Case:
 
 
 def image_dimension(image: np.ndarray) -> Literal[2, 3]:
-    """2 for (H, W), (H, W, 1) or (H, W, 3) images, else 3 (a (D, H, W) volume)."""
-    return 2 if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)) else 3
+    """2 for (H, W), (H, W, 1), (H, W, 3) or RGBA (H, W, 4) images, else 3 (a (D, H, W) volume)."""
+    return 2 if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4)) else 3
 
 
-def validated_image(image: np.ndarray, dimension: Literal[2, 3], source: str) -> np.ndarray:
-    """An in-memory image checked as `read_case` checks a file's `imgs` (2D grey becomes (H, W, 3))."""
-    return _validate_image(Path(source), np.asarray(image), dimension)
+def validated_image(
+    image: np.ndarray, dimension: Literal[2, 3], source: str, warnings: list[str] | None = None
+) -> np.ndarray:
+    """An in-memory image checked as `read_case` checks a file's `imgs` (2D grey becomes (H, W, 3), RGBA loses
+    alpha); recoverable oddities are appended to `warnings` when given."""
+    return _validate_image(Path(source), np.asarray(image), dimension, [] if warnings is None else warnings)
 
 
 def case_from_arrays(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2, 3], source: str) -> Case:
@@ -210,9 +217,9 @@ def case_from_arrays(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2,
     if dimension not in (2, 3):
         raise CaseError(f"{source}: dimension must be 2 or 3, got {dimension!r}")
     path = Path(source)
-    image = validated_image(image, dimension, source)
-    shape = image.shape[:2] if dimension == 2 else image.shape
     warnings: list[str] = []
+    image = validated_image(image, dimension, source, warnings)
+    shape = image.shape[:2] if dimension == 2 else image.shape
     boxes = _validate_boxes(path, np.asarray(boxes), dimension, tuple(shape), warnings)
     return Case(path=path, dimension=dimension, image=image, boxes=boxes, warnings=warnings)
 

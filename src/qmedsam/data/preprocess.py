@@ -78,6 +78,16 @@ def resize_mask(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     return padded
 
 
+def propagation_box(mask: np.ndarray, label: int, geometry: Geometry, margin: int = 3) -> np.ndarray | None:
+    """The LiteMedSAM baseline's next-slice prompt: the previous slice's mask, valued `label` as in its uint8
+    label volume, resized into model space with the image's own INTER_AREA resize; the box of what stays
+    non-zero there, widened by `margin` and clamped to [0, size]. None when nothing survives the resize.
+    (Scaling the tight box in original pixels instead differs on small, upscaled images.)"""
+    value = np.uint8(min(max(label, 1), 255))  # the baseline's uint8 volume cannot hold more; any non-zero value
+    resized = _resize(np.asarray(mask, dtype=bool).astype(np.uint8) * value, geometry, cv2.INTER_AREA)
+    return mask_box(resized, margin, geometry.size)
+
+
 def mask_box(mask: np.ndarray, margin: int = 0, limit: int | None = None) -> np.ndarray | None:
     """Tight [x0, y0, x1, y1] of a 2D mask, widened by `margin` and clipped to [0, limit]; None if empty."""
     ys, xs = np.nonzero(mask)

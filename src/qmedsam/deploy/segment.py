@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from qmedsam.data.cases import Case, segmentation_dtype
-from qmedsam.data.preprocess import Geometry, mask_box, postprocess_logits, preprocess_image, scale_boxes
+from qmedsam.data.preprocess import Geometry, postprocess_logits, preprocess_image, propagation_box, scale_boxes
 from qmedsam.deploy.runtime import Engine
 
 DEFAULT_BATCH = 16
@@ -104,28 +105,32 @@ class PropagatedPrompts:
         for index, box in enumerate(case.boxes):
             x0, y0, z0, x1, y1, z1 = (int(v) for v in box)
             z_mid = int((z1 - z0) / 2 + z0)
-            original = np.array([x0, y0, x1, y1])
-            object_masks: dict[int, np.ndarray] = {}
-            self._walk(engine, encoder, range(z_mid, z1 + 1), None, original, object_masks)
-            self._walk(engine, encoder, range(z_mid - 1, z0 - 1, -1), object_masks[z_mid], original, object_masks)
-            for z, mask in object_masks.items():
+            walk = _Walk(engine, encoder, np.array([x0, y0, x1, y1]), index + 1, self.margin)
+            walk(range(z_mid, z1 + 1), None)
+            walk(range(z_mid - 1, z0 - 1, -1), walk.masks[z_mid])
+            for z, mask in walk.masks.items():
                 segs[z][mask] = index + 1
 
-    def _walk(self, engine, encoder, slices, previous, original, object_masks) -> None:
-        for z in slices:
-            embedding = encoder(z)
-            prompt = self._prompt(previous, encoder.geometry, original)
-            previous = postprocess_logits(engine.decode(embedding, prompt[None]), encoder.geometry)[0]
-            object_masks[z] = previous
 
-    def _prompt(self, previous: np.ndarray | None, geometry: Geometry, box: np.ndarray) -> np.ndarray:
-        if previous is not None and previous.any():
-            tight = mask_box(previous)
-            scaled = scale_boxes(tight, geometry)[0]
-            scaled[:2] = np.maximum(0, scaled[:2] - self.margin)
-            scaled[2:] = np.minimum(geometry.size, np.ceil(tight[2:] * geometry.scale) + self.margin)
-            return scaled.astype(np.float32)
-        return scale_boxes(box, geometry)[0]
+@dataclass
+class _Walk:
+    """One object's slice-by-slice walk: each slice is prompted from the previous slice's mask."""
+
+    engine: Engine
+    encoder: SliceEncoder
+    original: np.ndarray
+    label: int
+    margin: int
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __call__(self, slices: range, previous: np.ndarray | None) -> None:
+        for z in slices:
+            embedding = self.encoder(z)
+            geometry = self.encoder.geometry
+            box = None if previous is None else propagation_box(previous, self.label, geometry, self.margin)
+            prompt = scale_boxes(self.original, geometry)[0] if box is None else box
+            previous = postprocess_logits(self.engine.decode(embedding, prompt[None]), geometry)[0]
+            self.masks[z] = previous
 
 
 PROMPT_STRATEGIES: dict[str, Callable[[], PromptStrategy]] = {
