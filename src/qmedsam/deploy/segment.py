@@ -7,6 +7,7 @@ strategy object (`PromptStrategy`), so new rules can be added without touching t
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,13 +52,16 @@ class SliceEncoder:
         self.geometry: Geometry | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.encoded = 0
+        self.encode_seconds = 0.0  # preprocessing + encoder time spent so far (an interactive UI reports it)
 
     def __call__(self, z: int) -> np.ndarray:
         if z in self._cache:
             self._cache.move_to_end(z)
             return self._cache[z]
+        started = time.perf_counter()
         tensor, self.geometry = preprocess_image(self.volume[z])
         embedding = self.engine.encode(tensor)
+        self.encode_seconds += time.perf_counter() - started
         self.encoded += 1
         self._cache[z] = embedding
         if len(self._cache) > self.max_cached:

@@ -1,0 +1,88 @@
+"""napari rectangles <-> the project's boxes, with no Qt: what the widget computes, testable on its own.
+
+Boxes are inclusive pixel indices: [x0, y0, x1, y1] in 2D, [x0, y0, z0, x1, y1, z1] in 3D (the case format).
+A rectangle's vertices are napari data coordinates ((y, x) or (z, y, x)), where pixel centres sit on
+integers, so a corner is rounded to the pixel it lies in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qmedsam.data.cases import CaseError, case_from_arrays
+from qmedsam.scans.intensity import parse_window, to_uint8
+
+WINDOWS = ("auto", "none", "ct-abdomen", "ct-lung", "ct-brain", "ct-bone", "percentile")
+"""'auto': a uint8 image is used as it is; otherwise a CT window when values are Hounsfield units, else the
+volume's 0.5-99.5 percentiles (as `qmedsam predict -i scan.nii.gz`). 'none': the values as they are."""
+
+FEATURES = {"label": 0, "z0": -1, "z1": -1}
+"""Per-rectangle features the widget keeps on its Shapes layer: the label the box paints (0 = not yet
+assigned) and, in 3D, the box's z range."""
+
+
+@dataclass(frozen=True)
+class BoxJob:
+    """One box to segment: `label` is painted where its mask is; `box` is in the case format."""
+
+    label: int
+    box: np.ndarray
+
+    @property
+    def is_3d(self) -> bool:
+        return self.box.size == 6
+
+
+def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
+    """A rectangle's vertices (data coordinates of the image) -> ([x0, y0, x1, y1] clipped to the image, the
+    slice index it was drawn on, or None in 2D). Raises CaseError for a box outside the image or flat."""
+    vertices = np.asarray(vertices, dtype=np.float64)
+    if vertices.ndim != 2 or vertices.shape[1] != len(spatial_shape) or vertices.shape[1] not in (2, 3):
+        raise CaseError(f"rectangle vertices of shape {vertices.shape} do not match an image of {spatial_shape}")
+    z = None
+    if vertices.shape[1] == 3:
+        z = int(np.rint(vertices[:, 0].mean()))
+        if not 0 <= z < spatial_shape[0]:
+            raise CaseError(f"rectangle drawn on slice {z}, outside the volume (0..{spatial_shape[0] - 1})")
+    height, width = spatial_shape[-2:]
+    ys, xs = vertices[:, -2], vertices[:, -1]
+    box = np.rint([xs.min(), ys.min(), xs.max(), ys.max()]).astype(np.int64)
+    # the Python API's own check: outside / flat boxes refused, partly outside clipped
+    checked = case_from_arrays(np.zeros((height, width), np.uint8), box[None], 2, "rectangle").boxes[0]
+    return checked, z
+
+
+def box_rectangle(box: np.ndarray) -> np.ndarray:
+    """A case-format box -> rectangle vertices: (4, 2) for a 2D box, (4, 3) on the middle slice for a 3D one."""
+    box = np.asarray(box, dtype=np.float64).ravel()
+    if box.size == 4:
+        x0, y0, x1, y1 = box
+        return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
+    x0, y0, z0, x1, y1, z1 = box
+    z = float(int((z1 - z0) / 2 + z0))
+    return np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
+
+
+def z_range(drawn: int, z_from: int, z_to: int, depth: int) -> tuple[int, int]:
+    """The z range of a box drawn on slice `drawn`: [z_from, z_to] when that contains it, else the drawn slice
+    alone (a box always covers the slice it was drawn on); clipped to the volume."""
+    lo, hi = (z_from, z_to) if z_from <= drawn <= z_to else (drawn, drawn)
+    return max(0, lo), min(depth - 1, hi)
+
+
+def model_image(data: np.ndarray, rgb: bool, window: str) -> np.ndarray:
+    """The array the model sees for an image layer's data: RGB as it is; grey data windowed to uint8 by
+    `window` (see WINDOWS), the same intensity rules as `qmedsam predict -i scan.nii.gz`."""
+    data = np.asarray(data)
+    if rgb or window == "none" or (window == "auto" and data.dtype == np.uint8):
+        return data
+    image, _ = to_uint8(data, parse_window(window))
+    return image
+
+
+def paint(target: np.ndarray, label: int, mask: np.ndarray) -> None:
+    """Replace `label`'s pixels in `target` with `mask` (a box edited or re-run moves its mask)."""
+    target[target == label] = 0
+    target[mask] = label
