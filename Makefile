@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint bench int8-model
+.PHONY: setup test test-slow lint bench int8-model napari-screenshot
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,15 @@ setup:
 	$(BIN)/qmedsam --version
 
 test:
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
 	$(BIN)/pytest -q
 
 test-slow:
 	$(BIN)/pytest -q -m slow
 
 lint:
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 
 # Regenerate the int8 model shipped in the package (src/qmedsam/models/int8): the CPU QAT recipe, every
 # comparison model exported and scored (benchmarks/qat_compare.sh), then the chosen one copied in with its
@@ -32,3 +32,12 @@ int8-model:
 	[ -f runs/cpu/init.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_recipe.yaml
 	benchmarks/qat_compare.sh runs/cpu
 	$(BIN)/python benchmarks/ship_int8.py --compare runs/compare --name $(INT8_CANDIDATE)
+
+# Regenerate docs/napari-widget.png (the README's screenshot): the napari viewer on a virtual screen. Installs
+# Xvfb, Mesa and the X libraries Qt needs from Debian's packages when missing (needs root or sudo).
+NAPARI_X_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-x11-0 libxcb-icccm4 \
+	libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 \
+	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+napari-screenshot:
+	dpkg -s $(NAPARI_X_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q $(NAPARI_X_PACKAGES); }
+	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python docs/napari_screenshot.py

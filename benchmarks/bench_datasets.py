@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
+
+from qmedsam.deploy.bench import cpu_name
 
 
 def proc_status(pid: int) -> dict[str, float]:
@@ -32,17 +33,6 @@ def proc_status(pid: int) -> dict[str, float]:
             if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
                 out[name] = int(value.split()[0]) / 1024
     return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_direct(dataset, n: int, seed: int) -> float:

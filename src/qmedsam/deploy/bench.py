@@ -17,6 +17,20 @@ import numpy as np
 from qmedsam.deploy.runtime import Engine
 
 
+def cpu_name() -> str:
+    """The CPU's model name (every figure says which machine it comes from)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """`torch`, `openvino:f32` or `openvino:bf16`, optionally on a given model directory."""

@@ -32,6 +32,9 @@ from qmedsam.napari.io import save_labels
 from qmedsam.napari.layers import FEATURES, WINDOWS, BoxJob, model_image, paint, rectangle_box, z_range
 
 MODELS = (("int8 (shipped)", "int8"), ("fp32 (pretrained)", "fp32"))
+CACHED_SLICES = 128
+"""Slice embeddings the widget keeps (4 MiB each, 512 MiB at most): a second 3D box over a typical organ's
+slices costs only the decoder."""
 CHOOSE_FOLDER = "Model folder…"
 
 
@@ -321,7 +324,11 @@ class SegmentWidget(QWidget):
 
         layer_id, data, rgb, window, model = inputs
         if self._segmenter is None or self._segmenter_model != model:
-            self._segmenter, self._segmenter_model, self._prepared = Segmenter(model=model), model, None
+            self._segmenter, self._segmenter_model, self._prepared = (
+                Segmenter(model=model, cached_slices=CACHED_SLICES),
+                model,
+                None,
+            )
         segmenter = self._segmenter
         if self._prepared != (layer_id, window, model):
             segmenter.set_image(model_image(data, rgb, window))

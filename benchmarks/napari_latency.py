@@ -1,0 +1,97 @@
+"""Box drawn -> mask shown in the napari widget, int8 vs fp32, in one run (a benchmark, not a test).
+
+A real viewer (Qt offscreen unless a display is set) and the real widget; rectangles are added as a user's
+drawing adds them, and each figure is the widget's own measurement from the rectangle's 'added' event to the
+Labels layer updated (before the screen redraw). Reported per model:
+- first box after choosing the model (model compile + encode + decode),
+- first box on a new 2D image (encode + decode), later boxes on it (decoder only), median;
+- a 3D box over every slice of a volume (each slice encoded once), then a second box on the same slices.
+
+    python benchmarks/napari_latency.py --fp32 runs/compare/fp32 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import napari  # noqa: E402
+from qtpy.QtWidgets import QApplication  # noqa: E402
+
+from qmedsam.data.cases import read_case  # noqa: E402
+from qmedsam.deploy.bench import cpu_name  # noqa: E402
+from qmedsam.napari.io import demo_dir  # noqa: E402
+from qmedsam.napari.layers import box_rectangle  # noqa: E402
+from qmedsam.napari.widget import SegmentWidget  # noqa: E402
+
+
+def _idle(widget: SegmentWidget) -> None:
+    while widget.busy:
+        QApplication.processEvents()
+        time.sleep(0.001)
+
+
+def _draw(widget: SegmentWidget, boxes) -> list[float]:
+    shown = []
+    for box in boxes:
+        widget.boxes_layer.add_rectangles([box_rectangle(box)])
+        _idle(widget)
+        shown.append(widget.timings[-1].shown_ms)
+    return shown
+
+
+def measure(model: str, cases: Path, later: int) -> dict[str, float]:
+    viewer = napari.Viewer(show=False)
+    widget = SegmentWidget(viewer)
+    widget.set_model(model)
+    ct = read_case(cases / "2D_CT_TotalSeg_0001.npz")
+    micro = read_case(cases / "2D_Microscopy_DSB2018_0001.npz")
+    volume = read_case(cases / "3D_CT_TotalSeg_0001.npz")
+    viewer.add_image(ct.image, name="ct", rgb=True)
+    first_after_model = _draw(widget, ct.boxes[:1])[0]
+    viewer.add_image(micro.image, name="micro", rgb=True)
+    widget.image_combo.setCurrentText("micro")
+    shown = _draw(widget, micro.boxes[: later + 1])
+    viewer.add_image(volume.image, name="volume")
+    widget.image_combo.setCurrentText("volume")
+    widget.z_from.setValue(0)
+    widget.z_to.setValue(volume.image.shape[0] - 1)
+    box_3d = volume.boxes[0].copy()
+    box_3d[2], box_3d[5] = 0, volume.image.shape[0] - 1
+    shown_3d = _draw(widget, [box_3d, box_3d + [4, 4, 0, -4, -4, 0]])
+    viewer.close()
+    return {
+        "first box after choosing the model (ms)": first_after_model,
+        "first box on a new 512x512 image (ms)": shown[0],
+        f"later boxes on it, median of {later} (ms)": statistics.median(shown[1:]),
+        f"3D box over {volume.image.shape[0]} slices, first (ms)": shown_3d[0],
+        "3D box, second on the same slices (ms)": shown_3d[1],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fp32", default="fp32", help="fp32 model: 'fp32' (exported on first use) or a folder")
+    parser.add_argument("--later", type=int, default=10, help="later boxes to time on the 2D image")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    cases = demo_dir() / "cases"
+    results = {name: measure(model, cases, args.later) for name, model in (("int8", "int8"), ("fp32", args.fp32))}
+    cpu = cpu_name()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores\n")
+    print("| | int8 | fp32 | fp32 / int8 |\n|---|---|---|---|")
+    for key in results["int8"]:
+        int8, fp32 = results["int8"][key], results["fp32"][key]
+        print(f"| {key} | {int8:.0f} | {fp32:.0f} | {fp32 / int8:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
