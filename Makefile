@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint bench int8-model napari-screenshot cpp cpp-install
+.PHONY: setup test test-slow lint bench int8-model napari-screenshot cpp cpp-install docker docker-cpp docker-wheels
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,18 @@ cpp:
 
 cpp-install: cpp
 	cmake --install build/cpp --prefix $(PREFIX)
+
+# Docker images (docker/): `make docker` / `make docker-cpp` build and save them as build/*.tar.gz.
+# DOCKER_ARGS passes build arguments, e.g. an offline build from `make docker-wheels`:
+#   make docker-wheels docker DOCKER_ARGS='--build-arg PIP_ARGS="--no-index --find-links /wheels"'
+DOCKER_ARGS ?=
+docker-wheels:
+	$(BIN)/python -m pip download --quiet --dest docker/wheelhouse . "setuptools>=68" wheel
+
+docker:
+	docker build -f docker/Dockerfile -t qmedsam:latest $(DOCKER_ARGS) .
+	mkdir -p build && docker save qmedsam:latest | gzip > build/qmedsam.tar.gz
+
+docker-cpp:
+	docker build -f docker/Dockerfile.cpp -t qmedsam-cpp:latest $(DOCKER_ARGS) .
+	mkdir -p build && docker save qmedsam-cpp:latest | gzip > build/qmedsam-cpp.tar.gz
