@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +67,15 @@ def fp32_model_dir(tmp_path_factory: pytest.TempPathFactory, pretrained_model, d
 @pytest.fixture(scope="session")
 def ov_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ov_cache")
+
+
+@pytest.fixture(scope="session")
+def cpp_binary() -> Path:
+    """build/cpp/qmedsam-cpp (the C++ predictor), built with `make cpp` if `make setup` has not built it yet."""
+    import subprocess
+
+    binary = ROOT / "build" / "cpp" / "qmedsam-cpp"
+    if not binary.is_file():
+        subprocess.run(["make", "-C", str(ROOT), "cpp"], check=True)
+    assert binary.is_file(), "make cpp did not produce build/cpp/qmedsam-cpp"
+    return binary

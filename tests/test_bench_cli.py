@@ -35,3 +35,16 @@ def test_bench_components_reports_each_model_and_precision(fp32_model_dir: Path,
     assert [row["config"] for row in rows] == ["openvino:f32@fp32", "openvino:bf16@fp32"]
     assert all(row[key] > 0 for row in rows for key in ("encoder_ms", "decoder_1_ms", "decoder_16_ms"))
     assert "ratio enc/dec16 vs first" in capsys.readouterr().out
+
+
+def test_bench_process_times_whole_predictors_cold_and_warm(demo_dir: Path, cpp_binary: Path, tmp_path: Path, capsys):
+    out = tmp_path / "process.json"
+    case = demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz"
+    argv = ["bench", "process", "-i", str(case), "-m", "int8", "--cpp", str(cpp_binary), "--repeats", "1"]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [row["label"] for row in rows] == ["python-int8", "cpp-int8"] and report["reference"] == "python-int8"
+    assert all(row["cold_s"] > 0 and row["warm_s"] > 0 for row in rows) and rows[0]["warm_ratio"] == 1.0
+    assert set(report["machine"]["flags"]) >= {"avx512_vnni", "amx_int8", "avx512_bf16"}
+    assert "cold ratio" in capsys.readouterr().out

@@ -17,18 +17,6 @@ from qmedsam.deploy.export import shipped_int8_model_dir
 from qmedsam.deploy.runtime import OpenVINOEngine
 from qmedsam.deploy.segment import segment_case
 
-ROOT = Path(__file__).resolve().parents[1]
-BINARY = ROOT / "build" / "cpp" / "qmedsam-cpp"
-
-
-@pytest.fixture(scope="session")
-def cpp_binary() -> Path:
-    """build/cpp/qmedsam-cpp, built with `make cpp` if `make setup` has not built it yet."""
-    if not BINARY.is_file():
-        subprocess.run(["make", "-C", str(ROOT), "cpp"], check=True)
-    assert BINARY.is_file(), "make cpp did not produce build/cpp/qmedsam-cpp"
-    return BINARY
-
 
 def run_cpp(binary: Path, inputs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), "-i", str(inputs), "-o", str(out), *extra], capture_output=True, text=True)

@@ -47,6 +47,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cases.add_argument("--threads", type=int, default=None)
     cases.add_argument("--json", type=Path, default=None, help="also write the results here")
     cases.set_defaults(func=run_cases)
+
+    process = sub.add_parser(
+        "process",
+        help="whole processes, start to exit (cold and warm model cache): predict per model, torch, C++",
+        description="Time `qmedsam predict` as a user runs it, from process start to exit: once with an empty "
+        "OpenVINO model cache (cold) and --repeats times with it filled (warm). Optional references: "
+        "`qmedsam predict --engine torch` (PyTorch fp32 eager; every ratio is against it) and the C++ predictor.",
+    )
+    process.add_argument("-i", "--input", type=Path, required=True, help="a case .npz or a folder of them")
+    process.add_argument(
+        "-m", "--model", action="append", default=None,
+        help="'int8', 'fp32' or a model folder (repeatable; default: int8)",
+    )  # fmt: skip
+    process.add_argument("--torch", action="store_true", help="also time `qmedsam predict --engine torch`")
+    process.add_argument("--cpp", type=Path, default=None, metavar="BINARY", help="also time qmedsam-cpp per model")
+    process.add_argument("--prompt-mode", choices=["fixed", "propagate"], default="fixed")
+    process.add_argument("--repeats", type=int, default=2, help="warm runs per predictor (default 2)")
+    process.add_argument("--threads", type=int, default=None)
+    process.add_argument("--json", type=Path, default=None, help="also write the results here")
+    process.set_defaults(func=run_process)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -59,8 +79,9 @@ def _threads_note(threads: int | None) -> str:
 def _write_json(path: Path | None, payload: dict) -> None:
     if path is not None:
         from qmedsam.data.cases import atomic_write_bytes
+        from qmedsam.deploy.bench import machine_record
 
-        atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps({"machine": machine_record(), **payload}, indent=2) + "\n").encode())
 
 
 def run_components(args: argparse.Namespace) -> int:
@@ -77,8 +98,11 @@ def run_components(args: argparse.Namespace) -> int:
         meta = getattr(engine, "meta", {"precision": "fp32"})
         results.append({"config": config.label, "ir_precision": meta.get("precision"), **timing})
         print(f"measured {config.label}", file=sys.stderr)
+    from qmedsam.deploy.bench import machine_line
+
     base = results[0]
-    print(f"\nmedian ms over {args.repeats} runs, {_threads_note(args.threads)}, LATENCY hint, 1 stream")
+    print(f"\n{machine_line()}")
+    print(f"median ms over {args.repeats} runs, {_threads_note(args.threads)}, LATENCY hint, 1 stream")
     width = max(42, *(len(row["config"]) for row in results))
     print(f"{'config':{width}s} {'IR':>6s} {'encoder':>9s} {'dec 1':>8s} {'dec 16':>8s}   ratio enc/dec16 vs first")
     for row in results:
@@ -122,7 +146,10 @@ def run_cases(args: argparse.Namespace) -> int:
     names = [p.name for p in case_paths]
     width = max(22, *(len(r["config"]) + 2 for r in rows))
     first = max(34, *(len(name) + 2 for name in names))
-    print(f"\nseconds per case (engine loaded once; prompt mode {args.prompt_mode}; {_threads_note(args.threads)})")
+    from qmedsam.deploy.bench import machine_line
+
+    print(f"\n{machine_line()}")
+    print(f"seconds per case (engine loaded once; prompt mode {args.prompt_mode}; {_threads_note(args.threads)})")
     print(f"{'case':{first}s}" + "".join(f"{r['config']:>{width}s}" for r in rows))
     for name in names:
         cells = []
@@ -140,4 +167,48 @@ def run_cases(args: argparse.Namespace) -> int:
         print(f"{'mean DSC':{first}s}" + "".join(f"{r['mean_dsc']:>{width}.4f}" for r in rows))
         print(f"{'mean NSD (challenge rule)':{first}s}" + "".join(f"{r['mean_nsd']:>{width}.4f}" for r in rows))
     _write_json(args.json, {"prompt_mode": args.prompt_mode, "threads": args.threads, "results": rows})
+    return 0
+
+
+def run_process(args: argparse.Namespace) -> int:
+    from qmedsam.deploy.bench import ProcessRun, machine_line, time_process
+    from qmedsam.deploy.export import resolve_model_dir
+
+    if not args.input.exists():
+        raise UserFacingError(f"{args.input}: no such case file or folder")
+    if args.cpp is not None and not args.cpp.is_file():
+        raise UserFacingError(f"{args.cpp}: no such binary (build it with `make cpp`)")
+    if args.repeats < 1:
+        raise UserFacingError("--repeats must be at least 1")
+    common = ["-i", "{input}", "-o", "{output}", "--prompt-mode", args.prompt_mode]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    python = [sys.executable, "-m", "qmedsam", "predict", *common]
+    runs = [ProcessRun("torch", (*python, "--engine", "torch"), uses_model_cache=False)] if args.torch else []
+    for model in args.model or ["int8"]:
+        model_dir = str(resolve_model_dir(model))
+        name = model if model in ("int8", "fp32") else Path(model).name
+        runs.append(ProcessRun(f"python-{name}", (*python, "-m", model_dir)))
+        if args.cpp is not None:
+            runs.append(ProcessRun(f"cpp-{name}", (str(args.cpp), *common, "-m", model_dir)))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qmedsam-bench-") as tmp:
+        for run in runs:
+            rows.append(time_process(run, args.input, Path(tmp), args.repeats))
+            print(f"measured {run.label}", file=sys.stderr)
+    reference = rows[0]
+    print(f"\n{machine_line()}")
+    settings = f"prompt mode {args.prompt_mode}; {_threads_note(args.threads)}; OpenVINO f32 hint, LATENCY"
+    print(f"whole process, start to exit, on {args.input} ({settings})")
+    print(f"cold = empty model cache; warm = median of {args.repeats} with it filled; ratios vs {reference['label']}")
+    print(f"{'predictor':24s} {'cold s':>9s} {'warm s':>9s} {'spread s':>9s} {'cold ratio':>11s} {'warm ratio':>11s}")
+    for row in rows:
+        row["cold_ratio"] = reference["cold_s"] / row["cold_s"]
+        row["warm_ratio"] = reference["warm_s"] / row["warm_s"]
+        print(
+            f"{row['label']:24s} {row['cold_s']:9.2f} {row['warm_s']:9.2f} {row['warm_spread_s']:9.2f} "
+            f"{row['cold_ratio']:10.2f}x {row['warm_ratio']:10.2f}x"
+        )
+        row.pop("output")
+    _write_json(args.json, {"input": str(args.input), "reference": reference["label"], "results": rows})
     return 0

@@ -6,6 +6,7 @@ box counts that produced them, so two numbers are only compared when measured to
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -15,6 +16,33 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.deploy.runtime import Engine
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+"""What decides int8 / bf16 speed on x86: VNNI (int8 dot products), AVX-512 BF16, AMX (int8 / bf16 tiles)."""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of CPU_FLAGS this CPU reports (Linux /proc/cpuinfo; all False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            line = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    present = set(line.partition(":")[2].split())
+    return {flag: flag in present for flag in CPU_FLAGS}
+
+
+def machine_record() -> dict:
+    """The machine every figure comes from (name, cores, the flags that matter)."""
+    import os
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "flags": cpu_flags()}
+
+
+def machine_line() -> str:
+    record = machine_record()
+    flags = ", ".join(f"{name} {'yes' if value else 'no'}" for name, value in record["flags"].items())
+    return f"CPU: {record['cpu']}, {record['cores']} cores; {flags}"
 
 
 def cpu_name() -> str:
@@ -61,7 +89,7 @@ class EngineConfig:
         return OpenVINOEngine(self.model_dir or ensure_default_model(), self.precision, num_threads)
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def samples_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     samples = []
@@ -69,7 +97,16 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+    return samples
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    return statistics.median(samples_ms(fn, repeats, warmup))
+
+
+def spread(samples: list[float]) -> float:
+    """Max minus min of the timed repeats (how much one figure can be trusted)."""
+    return max(samples) - min(samples)
 
 
 def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ...] = (1, 16)) -> dict[str, float]:
@@ -77,13 +114,58 @@ def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ..
     rng = np.random.default_rng(0)
     image = rng.random((1, 3, 256, 256), dtype=np.float32)
     embedding = engine.encode(image)
-    result = {"encoder_ms": median_ms(lambda: engine.encode(image), repeats)}
+    encoder = samples_ms(lambda: engine.encode(image), repeats)
+    result = {"encoder_ms": statistics.median(encoder), "encoder_spread_ms": spread(encoder)}
     for count in box_counts:
         x0 = rng.integers(0, 150, count)
         y0 = rng.integers(0, 150, count)
         boxes = np.stack([x0, y0, x0 + 60, y0 + 80], axis=1).astype(np.float32)
-        result[f"decoder_{count}_ms"] = median_ms(lambda b=boxes: engine.decode(embedding, b), repeats)
+        decoder = samples_ms(lambda b=boxes: engine.decode(embedding, b), repeats)
+        result[f"decoder_{count}_ms"] = statistics.median(decoder)
+        result[f"decoder_{count}_spread_ms"] = spread(decoder)
     return result
+
+
+@dataclass(frozen=True)
+class ProcessRun:
+    """One predictor as a whole process: `command` with `{input}` / `{output}` placeholders."""
+
+    label: str
+    command: tuple[str, ...]
+    uses_model_cache: bool = True
+
+
+def time_process(run: ProcessRun, input_path: Path, scratch: Path, repeats: int) -> dict:
+    """Seconds from process start to exit: once with an empty model cache (cold: OpenVINO compiles the model)
+    and `repeats` times with the cache that run left (warm). Outputs of the last run stay in scratch/label."""
+    import os
+    import subprocess
+
+    cache = scratch / f"cache-{run.label}"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "QMEDSAM_CACHE": str(cache)}
+    output = scratch / run.label
+
+    def once() -> float:
+        shutil.rmtree(output, ignore_errors=True)
+        command = [part.format(input=input_path, output=output) for part in run.command]
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{run.label}: exit {done.returncode}: {done.stderr[-2000:]}")
+        return seconds
+
+    cold = once()
+    warm = [once() for _ in range(repeats)]
+    return {
+        "label": run.label,
+        "cold_s": cold,
+        "warm_s": statistics.median(warm),
+        "warm_spread_s": spread(warm),
+        "warm_all_s": warm,
+        "output": str(output),
+    }
 
 
 def time_cases(engine: Engine, case_paths: list[Path], out_dir: Path, prompt_mode: str = "fixed") -> dict[str, float]:
