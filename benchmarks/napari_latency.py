@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import napari  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
 
 from qmedsam.data.cases import read_case  # noqa: E402
 from qmedsam.deploy.bench import cpu_name  # noqa: E402
@@ -31,17 +29,11 @@ from qmedsam.napari.layers import box_rectangle  # noqa: E402
 from qmedsam.napari.widget import SegmentWidget  # noqa: E402
 
 
-def _idle(widget: SegmentWidget) -> None:
-    while widget.busy:
-        QApplication.processEvents()
-        time.sleep(0.001)
-
-
 def _draw(widget: SegmentWidget, boxes) -> list[float]:
     shown = []
     for box in boxes:
         widget.boxes_layer.add_rectangles([box_rectangle(box)])
-        _idle(widget)
+        widget.wait_until_idle()
         shown.append(widget.timings[-1].shown_ms)
     return shown
 

@@ -19,15 +19,6 @@ from qmedsam.data.cases import atomic_write_bytes
 from qmedsam.napari.io import demo_dir
 
 
-def wait_until_idle(widget, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while widget.busy:
-        if time.monotonic() > deadline:
-            raise TimeoutError("segmentation did not finish")
-        QApplication.processEvents()
-        time.sleep(0.02)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("napari-widget.png"))
@@ -41,7 +32,7 @@ def main() -> None:
     _, widget = viewer.window.add_plugin_dock_widget("qmedsam", "Box-prompted segmentation")
     widget.set_model(args.model)
     widget.segment_all()
-    wait_until_idle(widget)
+    widget.wait_until_idle()
     if not widget.image_layer.rgb:  # a volume: show the slice most rectangles were drawn on
         drawn = [int(round(rectangle[0, 0])) for rectangle in widget.boxes_layer.data]
         viewer.dims.set_current_step(0, max(set(drawn), key=drawn.count))

@@ -98,11 +98,6 @@ class Segmenter:
         """Seconds spent preprocessing and encoding slices of the current image (decoder time excluded)."""
         return 0.0 if self._encoder is None else self._encoder.encode_seconds
 
-    @property
-    def image(self) -> np.ndarray | None:
-        """The validated image given to `set_image`, as a (D, H, W[, 3]) volume (a 2D image has D = 1)."""
-        return None if self._encoder is None else self._encoder.volume
-
     def predict(self, box: np.ndarray | list[float], z: int | None = None) -> np.ndarray:
         """Boolean mask of one box on the image given to `set_image`.
 

@@ -184,7 +184,7 @@ def run_process(args: argparse.Namespace) -> int:
     if args.threads:
         common += ["--threads", str(args.threads)]
     python = [sys.executable, "-m", "qmedsam", "predict", *common]
-    runs = [ProcessRun("torch", (*python, "--engine", "torch"), uses_model_cache=False)] if args.torch else []
+    runs = [ProcessRun("torch", (*python, "--engine", "torch"))] if args.torch else []
     for model in args.model or ["int8"]:
         model_dir = str(resolve_model_dir(model))
         name = model if model in ("int8", "fp32") else Path(model).name

@@ -132,7 +132,6 @@ class ProcessRun:
 
     label: str
     command: tuple[str, ...]
-    uses_model_cache: bool = True
 
 
 def time_process(run: ProcessRun, input_path: Path, scratch: Path, repeats: int) -> dict:

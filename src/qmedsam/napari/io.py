@@ -12,18 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.cases import CaseError, atomic_savez, read_case
+from qmedsam.data.cases import CaseError, atomic_savez, atomic_write_bytes, read_case, segmentation_dtype
 from qmedsam.errors import UserFacingError
 from qmedsam.napari.layers import FEATURES, box_rectangle
+from qmedsam.scans.nifti import is_nifti, nifti_stem, read_nifti, write_label_nifti
 
 LayerData = tuple[np.ndarray | list, dict, str]
 SCAN_KEY = "qmedsam_scan"  # image layer metadata: the Scan a NIfTI layer came from (its grid, for saving)
 MAPPING_KEY = "qmedsam_mapping"  # ... and the VoxelMapping from the file's voxel order to the shown array
 CASE_KEY = "qmedsam_case"  # ... or the case file an npz layer came from
-
-
-def _is_nifti(path: str) -> bool:
-    return path.lower().endswith((".nii", ".nii.gz"))
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -35,7 +32,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 def _readable(path: str) -> bool:
     path = str(path)
-    if _is_nifti(path):
+    if is_nifti(Path(path)):
         return True
     if not path.lower().endswith(".npz"):
         return False
@@ -50,7 +47,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     paths = path if isinstance(path, list) else [path]
     layers: list[LayerData] = []
     for item in paths:
-        layers.extend(read_scan_layers(item) if _is_nifti(str(item)) else read_case_layers(item))
+        layers.extend(read_scan_layers(item) if is_nifti(Path(item)) else read_case_layers(item))
     return layers
 
 
@@ -79,25 +76,22 @@ def read_case_layers(path: str | os.PathLike) -> list[LayerData]:
 
 def box_features(boxes: np.ndarray) -> dict[str, np.ndarray]:
     """Shapes features for boxes read from a file: labels not yet assigned, 3D z ranges from the boxes."""
-    n = len(boxes)
-    features = {"label": np.zeros(n, np.int64), "z0": np.full(n, -1), "z1": np.full(n, -1)}
+    features = {key: np.full(len(boxes), default, np.int64) for key, default in FEATURES.items()}
     if boxes.shape[1] == 6:
         features["z0"], features["z1"] = boxes[:, 2].astype(np.int64), boxes[:, 5].astype(np.int64)
-    assert set(features) == set(FEATURES)
     return features
 
 
 def read_scan_layers(path: str | os.PathLike) -> list[LayerData]:
     """A NIfTI scan -> an image layer in the working (z, y, x) order the model is run in (the same mapping
     as `qmedsam predict -i scan.nii.gz`), raw intensities, voxel spacing as scale; its grid kept for saving."""
-    from qmedsam.scans.nifti import read_nifti
     from qmedsam.scans.orientation import VoxelMapping
 
     scan = read_nifti(path)
     mapping = VoxelMapping.from_affine(scan.affine, scan.array.shape)
     zooms = [float(z) for z in scan.header.get_zooms()[:3]]
     scale = [zooms[axis] for axis in mapping.source_axis]
-    name = Path(path).name.removesuffix(".gz").removesuffix(".nii")
+    name = nifti_stem(Path(path))
     metadata = {SCAN_KEY: scan, MAPPING_KEY: mapping}
     return [(mapping.to_work(scan.array), {"name": name, "scale": scale, "metadata": metadata}, "image")]
 
@@ -108,8 +102,6 @@ def save_labels(labels: np.ndarray, path: str | os.PathLike, metadata: dict | No
     `.nii` / `.nii.gz`: on the source scan's grid (shape, affine, qform/sform) when the image came from a NIfTI
     file; otherwise an axis-aligned grid with the layer's scale as voxel size. `.npz`: the challenge format,
     `segs` (plus `spacing` for a volume). Written atomically."""
-    from qmedsam.data.cases import segmentation_dtype
-
     path = Path(path)
     metadata = metadata or {}
     labels = np.asarray(labels)
@@ -119,16 +111,13 @@ def save_labels(labels: np.ndarray, path: str | os.PathLike, metadata: dict | No
         if labels.ndim == 3 and scale is not None:
             arrays["spacing"] = np.asarray(scale, dtype=np.float64)[-3:]
         return atomic_savez(path, **arrays)
-    if not _is_nifti(str(path)):
+    if not is_nifti(Path(path)):
         raise UserFacingError(f"{path}: save as .nii, .nii.gz or .npz")
     return _save_nifti(labels, path, metadata, scale)
 
 
 def _save_nifti(labels: np.ndarray, path: Path, metadata: dict, scale) -> Path:
     import nibabel as nib
-
-    from qmedsam.data.cases import atomic_write_bytes
-    from qmedsam.scans.nifti import write_label_nifti
 
     scan, mapping = metadata.get(SCAN_KEY), metadata.get(MAPPING_KEY)
     if scan is not None and mapping is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qmedsam.data.cases import CaseError, case_from_arrays
+from qmedsam.data.cases import CaseError
 from qmedsam.scans.intensity import parse_window, to_uint8
 
 WINDOWS = ("auto", "none", "ct-abdomen", "ct-lung", "ct-brain", "ct-bone", "percentile")
@@ -36,8 +36,9 @@ class BoxJob:
 
 
 def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
-    """A rectangle's vertices (data coordinates of the image) -> ([x0, y0, x1, y1] clipped to the image, the
-    slice index it was drawn on, or None in 2D). Raises CaseError for a box outside the image or flat."""
+    """A rectangle's vertices (data coordinates of the image) -> ([x0, y0, x1, y1] rounded to pixels, the slice
+    index it was drawn on, or None in 2D). The box itself is checked (and clipped) where it is used, by
+    `Segmenter.predict`, like every box the Python API gets; only the slice is checked here."""
     vertices = np.asarray(vertices, dtype=np.float64)
     if vertices.ndim != 2 or vertices.shape[1] != len(spatial_shape) or vertices.shape[1] not in (2, 3):
         raise CaseError(f"rectangle vertices of shape {vertices.shape} do not match an image of {spatial_shape}")
@@ -46,12 +47,8 @@ def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple
         z = int(np.rint(vertices[:, 0].mean()))
         if not 0 <= z < spatial_shape[0]:
             raise CaseError(f"rectangle drawn on slice {z}, outside the volume (0..{spatial_shape[0] - 1})")
-    height, width = spatial_shape[-2:]
     ys, xs = vertices[:, -2], vertices[:, -1]
-    box = np.rint([xs.min(), ys.min(), xs.max(), ys.max()]).astype(np.int64)
-    # the Python API's own check: outside / flat boxes refused, partly outside clipped
-    checked = case_from_arrays(np.zeros((height, width), np.uint8), box[None], 2, "rectangle").boxes[0]
-    return checked, z
+    return np.rint([xs.min(), ys.min(), xs.max(), ys.max()]).astype(np.int64), z
 
 
 def box_rectangle(box: np.ndarray) -> np.ndarray:

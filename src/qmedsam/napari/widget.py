@@ -116,7 +116,6 @@ class SegmentWidget(QWidget):
 
         self.image_combo.currentIndexChanged.connect(self._image_chosen)
         self.model_combo.activated.connect(self._model_chosen)
-        self.window_combo.currentIndexChanged.connect(self._settings_changed)
         self.z_from.valueChanged.connect(self._z_edited)
         self.z_to.valueChanged.connect(self._z_edited)
         self.segment_all_button.clicked.connect(self.segment_all)
@@ -146,7 +145,6 @@ class SegmentWidget(QWidget):
                 return
             self.model_combo.insertItem(index, folder, folder)
             self.model_combo.setCurrentIndex(index)
-        self._settings_changed()
 
     def set_model(self, model: str) -> None:
         """'int8', 'fp32' or a model folder (what the combo box offers)."""
@@ -155,11 +153,6 @@ class SegmentWidget(QWidget):
             self.model_combo.insertItem(self.model_combo.count() - 1, model, model)
             index = self.model_combo.findData(model)
         self.model_combo.setCurrentIndex(index)
-        self._settings_changed()
-
-    def _settings_changed(self, *args) -> None:
-        """A new model or window: drop what was prepared (the next job re-encodes) - masks stay as they are."""
-        self._prepared = None
 
     # -- layers ------------------------------------------------------------------------------------------------
 
@@ -291,6 +284,17 @@ class SegmentWidget(QWidget):
     @property
     def busy(self) -> bool:
         return self._worker is not None or bool(self._queue)
+
+    def wait_until_idle(self, timeout_s: float = 600.0) -> None:
+        """Process Qt events until every queued box is done (for scripts driving the widget, not the UI)."""
+        from qtpy.QtWidgets import QApplication
+
+        deadline = time.monotonic() + timeout_s
+        while self.busy:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"segmentation not finished after {timeout_s:.0f} s")
+            QApplication.processEvents()
+            time.sleep(0.001)
 
     def cancel(self) -> None:
         """Stop the running job and drop the queue; the Labels layer keeps what finished jobs painted."""
