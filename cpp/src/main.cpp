@@ -158,16 +158,6 @@ Array label_array(const std::vector<uint32_t>& segs, const Case& c) {
   return out;
 }
 
-void write_atomically(const fs::path& path, const std::string& text) {
-  const fs::path temporary = path.parent_path() / ("." + path.filename().string() + ".tmp");
-  {
-    std::ofstream stream(temporary, std::ios::binary);
-    stream << text;
-    if (!stream) throw std::runtime_error(path.string() + ": cannot write");
-  }
-  fs::rename(temporary, path);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -211,7 +201,12 @@ int main(int argc, char** argv) {
     timing << csv_field(name) << "," << dimension << "," << csv_field(modality_of(name)) << "," << objects << ","
            << seconds_text(seconds) << "," << status << "," << csv_field(message) << "\r\n";
   }
-  write_atomically(fs::path(options.output) / "timing.csv", timing.str());
+  const std::string timing_path = (fs::path(options.output) / "timing.csv").string();
+  write_atomically(timing_path, [&](const std::string& temporary) {
+    std::ofstream stream(temporary, std::ios::binary);
+    stream << timing.str();
+    if (!stream.flush()) throw std::runtime_error(timing_path + ": cannot write");
+  });
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   std::fprintf(stderr, "%zu/%zu cases segmented with qmedsam-cpp (openvino %s) in %.1f s (engine load %.1f s); timing: %s\n",
                cases.size() - failures, cases.size(), options.precision.c_str(), total, load_seconds,

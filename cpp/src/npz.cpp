@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <unistd.h>
@@ -45,6 +46,18 @@ T load(const uint8_t* p) {
   T value;
   std::memcpy(&value, p, sizeof value);
   return value;
+}
+
+// An integer of `itemsize` bytes, read as the 1/2/4/8-byte type of the given signedness.
+template <typename I8, typename I16, typename I32, typename I64>
+std::optional<double> integer_at(const uint8_t* p, int itemsize) {
+  switch (itemsize) {
+    case 1: return load<I8>(p);
+    case 2: return load<I16>(p);
+    case 4: return load<I32>(p);
+    case 8: return static_cast<double>(load<I64>(p));
+  }
+  return std::nullopt;
 }
 
 // Parse the .npy header dict: {'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }
@@ -148,24 +161,15 @@ int64_t Array::size() const {
 
 double Array::at(int64_t index) const {
   const uint8_t* p = data.data() + index * itemsize;
+  std::optional<double> value;
   switch (kind) {
     case 'b':
       return *p ? 1.0 : 0.0;
     case 'u':
-      switch (itemsize) {
-        case 1: return *p;
-        case 2: return load<uint16_t>(p);
-        case 4: return load<uint32_t>(p);
-        case 8: return static_cast<double>(load<uint64_t>(p));
-      }
+      value = integer_at<uint8_t, uint16_t, uint32_t, uint64_t>(p, itemsize);
       break;
     case 'i':
-      switch (itemsize) {
-        case 1: return load<int8_t>(p);
-        case 2: return load<int16_t>(p);
-        case 4: return load<int32_t>(p);
-        case 8: return static_cast<double>(load<int64_t>(p));
-      }
+      value = integer_at<int8_t, int16_t, int32_t, int64_t>(p, itemsize);
       break;
     case 'f':
       switch (itemsize) {
@@ -175,6 +179,7 @@ double Array::at(int64_t index) const {
       }
       break;
   }
+  if (value) return *value;
   throw NpzError("unsupported dtype '" + descr + "'");
 }
 
@@ -221,12 +226,24 @@ std::map<std::string, Array> read_npz(const std::string& path) {
   return arrays;
 }
 
-void write_npz(const std::string& path, const std::string& name, const Array& array) {
+void write_atomically(const std::string& path, const std::function<void(const std::string& temporary)>& write) {
   namespace fs = std::filesystem;
   const fs::path target(path);
-  const std::string temporary = (target.parent_path() / ("." + target.filename().string() + "." + std::to_string(getpid()) + ".tmp")).string();
+  const std::string temporary =
+      (target.parent_path() / ("." + target.filename().string() + "." + std::to_string(getpid()) + ".tmp")).string();
+  try {
+    write(temporary);
+  } catch (...) {
+    std::remove(temporary.c_str());
+    throw;
+  }
+  fs::permissions(temporary, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
+  fs::rename(temporary, target);
+}
+
+void write_npz(const std::string& path, const std::string& name, const Array& array) {
   const std::string payload = npy_bytes(array);
-  {
+  write_atomically(path, [&](const std::string& temporary) {
     int error = 0;
     zip_t* archive = zip_open(temporary.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &error);
     if (!archive) throw std::runtime_error(path + ": cannot create the output file");
@@ -235,12 +252,9 @@ void write_npz(const std::string& path, const std::string& name, const Array& ar
     if (index < 0 || zip_set_file_compression(archive, index, ZIP_CM_DEFLATE, 0) != 0 || zip_close(archive) != 0) {
       if (index < 0 && source) zip_source_free(source);
       zip_discard(archive);
-      std::remove(temporary.c_str());
       throw std::runtime_error(path + ": writing the npz failed");
     }
-  }
-  fs::permissions(temporary, fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
-  fs::rename(temporary, target);
+  });
 }
 
 }  // namespace qmedsam

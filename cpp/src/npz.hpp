@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -32,7 +33,11 @@ struct Array {
 
 std::map<std::string, Array> read_npz(const std::string& path);
 
-// Write one array as `<name>.npy` into a deflate-compressed npz, atomically (temporary file + rename).
+// Call `write(temporary)` to fill a temporary file beside `path`, then rename it into place (mode 0644), so
+// readers never see half a file: every output of qmedsam-cpp goes through this.
+void write_atomically(const std::string& path, const std::function<void(const std::string& temporary)>& write);
+
+// Write one array as `<name>.npy` into a deflate-compressed npz, atomically.
 void write_npz(const std::string& path, const std::string& name, const Array& array);
 
 }  // namespace qmedsam
