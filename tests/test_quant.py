@@ -118,6 +118,43 @@ def test_spec_on_quantizes_the_seed_coverage():
     assert not any(isinstance(m, _brevitas_types()) for m in model.prompt_encoder.modules())
 
 
+def test_float_layers_keep_named_modules_float(tmp_path):
+    """Mixed precision by configuration: the named layers are float twins with the same parameter names,
+    everything else stays quantized; a wrong name or kind is refused naming the key."""
+    quant_conv, quant_linear, _, quant_identity = _brevitas_types()
+    names = (
+        "image_encoder.patch_embed.seq.2",
+        "image_encoder.layers.0.blocks.0.conv2",
+        "image_encoder.layers.1.blocks.0.attn.qkv",
+        "image_encoder.layers.1.blocks.0.attn.q_quant",
+    )
+    path = tmp_path / "mixed.yaml"
+    path.write_text("float_layers:\n" + "".join(f"  - {n}\n" for n in names))
+    spec = QuantSpec.from_yaml(path)
+    assert spec.float_layers == names and QuantSpec.from_dict(spec.to_dict()) == spec
+    model = build_quantized(spec)
+    full = build_quantized(QuantSpec())
+    for name in names:
+        module = model.get_submodule(name)
+        assert not isinstance(module, _brevitas_types()), name
+        assert isinstance(full.get_submodule(name), quant_conv | quant_linear | quant_identity), name
+    assert type(model.get_submodule(names[1])) is nn.Conv2d and model.get_submodule(names[1]).groups > 1
+    float_keys = {k for k in model.state_dict() if not any(p in k for p in ("_quant.", "input_smoothing"))}
+    assert float_keys == {k for k in full.state_dict() if not any(p in k for p in ("_quant.", "input_smoothing"))}
+    quantized = [m for m in model.image_encoder.modules() if isinstance(m, quant_conv | quant_linear)]
+    assert len(quantized) == 29 + 40 - 3
+    state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+    load_float_state_dict(model, state)  # float checkpoints still load
+    for text, expected in [
+        ("float_layers: image_encoder.neck\n", "must be a list of strings"),
+        ("float_layers: [image_encoder.nope]\n", "'image_encoder.nope' is no such module"),
+        ("float_layers: [image_encoder.patch_embed]\n", "is a PatchEmbed, not a quantized conv"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(QuantSpecError, match=expected):
+            build_quantized(QuantSpec.from_yaml(path))
+
+
 def test_float_weights_load_into_the_quantized_model(pretrained_model):
     """BatchNorm folded, quantizer parameters the only keys not in the float checkpoint, and with
     quantization switched off the quantized model computes the float function."""

@@ -2,7 +2,8 @@
 
 One implementation for every config in qmedsam (quantization specs, training stages): unknown keys are
 refused with the closest known name, and each value is checked against the field's annotation
-(bool, int, float, str, Literal, Optional, unions of those) with a message naming the source and the key.
+(bool, int, float, str, Literal, Optional, tuple[X, ...] as a list, unions of those) with a message naming
+the source and the key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def _describe(hint: Any) -> str:
         return "null"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = _describe(typing.get_args(hint)[0])
+        return "a list of " + (item.removeprefix("a ").removeprefix("an ") + "s" if item.startswith("a") else item)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
@@ -40,6 +44,11 @@ def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
         return False, value
     if hint is type(None):
         return value is None, value
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list of X
+        if not isinstance(value, list | tuple):
+            return False, value
+        items = [_accepts(item, typing.get_args(hint)[0]) for item in value]
+        return all(ok for ok, _ in items), tuple(converted for _, converted in items)
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:

@@ -98,6 +98,11 @@ class QuantSpec:
     default) 0.93, 99.9999 0.95, 99.99999 0.93."""
     min_int8_fraction: float = 0.9
     """Export fails if fewer of a quantized part's Conv/FC/MatMul layers than this run in int8."""
+    float_layers: tuple[str, ...] = ()
+    """Modules (full names, e.g. `image_encoder.patch_embed.seq.2`) kept float inside a quantized part:
+    mixed precision for the few layers whose quantization costs the most accuracy per FLOP, chosen by
+    measurement (`benchmarks/quant_sensitivity.py`). A conv or linear becomes its float twin (OpenVINO runs
+    it in f32), a matmul-input quantizer an identity."""
 
     def __post_init__(self) -> None:
         for name in ("weight_bit_width", "activation_bit_width"):
@@ -108,6 +113,9 @@ class QuantSpec:
             raise QuantSpecError(f"activation_percentile must be in (50, 100), got {self.activation_percentile}")
         if not 0.0 <= self.min_int8_fraction <= 1.0:
             raise QuantSpecError(f"min_int8_fraction must be in [0, 1], got {self.min_int8_fraction}")
+        if isinstance(self.float_layers, str):
+            raise QuantSpecError(f"float_layers must be a list of module names, got the string {self.float_layers!r}")
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))  # a list from Python callers too
 
     @property
     def enabled(self) -> bool:
@@ -283,7 +291,49 @@ def prepare_quantized(model: nn.Module, quant: QuantSpec | None) -> nn.Module:
         for name, module in model.mask_decoder.named_modules():
             if name.endswith("token_to_image"):
                 module.softmax_quant = nn.Identity()
+    if quant is not None:
+        for name in quant.float_layers:
+            _replace_module(model, name, float_twin(model.get_submodule(name) if _has(model, name) else None, name))
     return model
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def float_twin(module: nn.Module | None, name: str) -> nn.Module:
+    """The float layer a quantized one stands for (same parameter names, so float weights load into it)."""
+    import brevitas.nn as qnn
+
+    if isinstance(module, qnn.QuantConv2d):
+        return nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            groups=module.groups,
+            bias=module.bias is not None,
+        )
+    if isinstance(module, qnn.QuantLinear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    if isinstance(module, qnn.QuantIdentity):
+        return nn.Identity()
+    kind = (
+        "no such module"
+        if module is None
+        else f"a {type(module).__name__}, not a quantized conv, linear or matmul input"
+    )
+    raise QuantSpecError(f"float_layers: {name!r} is {kind}")
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 # --- weights -------------------------------------------------------------------------------------------
