@@ -3,12 +3,15 @@
 # the int8 model trained with the CPU recipe, scored with `qmedsam evaluate` (challenge rule) on the
 # validation split of the training tree and on the demo cases, plus encoder ms side by side in one run.
 # Every number in the table comes from the commands below; run from the repository root after `make setup`.
-# Usage: benchmarks/qat_compare.sh [RUN_DIR]   (default runs/cpu, from
-#        `qmedsam train --config configs/train/cpu_recipe.yaml`): RUN_DIR/last.pt is the trained model and
-#        RUN_DIR/init.pt the same run's starting point (calibrated + block-reconstructed, before the e2e stage).
+# Usage: benchmarks/qat_compare.sh [RUN_DIR [MIXED_RUN_DIR]]   (defaults runs/cpu and runs/cpu-mixed, from
+#        `qmedsam train --config configs/train/cpu_recipe.yaml --set quant_spec=configs/quant/w8a8_per_channel.yaml
+#        out_dir=runs/cpu` and `qmedsam train --config configs/train/cpu_recipe.yaml` (its spec: w8a8_mixed.yaml)):
+#        RUN_DIR/last.pt is the trained model and RUN_DIR/init.pt the same run's starting point (calibrated +
+#        block-reconstructed, before the e2e stage); a missing run dir skips its rows.
 set -euo pipefail
 Q=${Q:-.venv/bin/qmedsam}
 RUN=${1:-runs/cpu}
+MIXED_RUN=${2:-runs/cpu-mixed}
 W=${W:-runs/compare}
 mkdir -p "$W"
 $Q data demo --out data/demo
@@ -25,8 +28,13 @@ $Q data cases --tree data/train --split train --out data/trainsplit
   --calib data/trainsplit/cases --out "$W/reconstructed"
 [ -d "$W/trained" ] || $Q export --quant configs/quant/w8a8_per_channel.yaml --checkpoint "$RUN/last.pt" \
   --calib data/trainsplit/cases --min-decoder-dice 0.985 --out "$W/trained"
+# Mixed precision: the three encoder layers benchmarks/quant_sensitivity.py ranks worst kept float.
+[ -d "$W/mixed" ] || $Q export --quant configs/quant/w8a8_mixed.yaml --calib data/trainsplit/cases --out "$W/mixed"
+[ -d "$W/mixed-reconstructed" ] || [ ! -f "$MIXED_RUN/last.pt" ] || $Q export --quant configs/quant/w8a8_mixed.yaml \
+  --checkpoint "$MIXED_RUN/last.pt" --calib data/trainsplit/cases --out "$W/mixed-reconstructed"
 
-for model in fp32 ptq calibrated reconstructed trained; do
+for model in fp32 ptq calibrated reconstructed trained mixed mixed-reconstructed; do
+  [ -d "$W/$model" ] || continue
   for set in val demo; do
     root=data/$set
     [ -f "$W/eval-$model-$set/summary.json" ] && continue
@@ -34,7 +42,11 @@ for model in fp32 ptq calibrated reconstructed trained; do
     $Q evaluate --pred "$W/pred-$model-$set" --gt "$root/gts" --images "$root/cases" --out "$W/eval-$model-$set"
   done
 done
-$Q bench components -m "$W/fp32" -m "$W/ptq" -m "$W/calibrated" -m "$W/reconstructed" -m "$W/trained" \
+models=()
+for model in fp32 ptq calibrated reconstructed trained mixed mixed-reconstructed; do
+  [ -d "$W/$model" ] && models+=(-m "$W/$model")
+done
+$Q bench components "${models[@]}" \
   --precision f32 \
   --json "$W/components.json"
 .venv/bin/python benchmarks/qat_table.py "$W"

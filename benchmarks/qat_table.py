@@ -17,6 +17,8 @@ MODELS = {
     "calibrated": "calibrated Brevitas int8",
     "reconstructed": "CPU recipe: calibrated + block reconstruction (init.pt)",
     "trained": "CPU recipe: + 30-step decoder stage (last.pt)",
+    "mixed": "mixed precision (w8a8_mixed.yaml: 3 encoder layers float), calibrated",
+    "mixed-reconstructed": "mixed precision + CPU recipe block reconstruction (last.pt)",
 }
 SETS = {"val": "validation split", "demo": "demo cases"}
 

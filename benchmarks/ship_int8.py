@@ -1,7 +1,7 @@
 """Copy an int8 model directory into the package (`src/qmedsam/models/int8`) with its measured accuracy.
 
 Run by `make int8-model` after `benchmarks/qat_compare.sh` has exported and scored every candidate:
-    python benchmarks/ship_int8.py --compare runs/compare --name reconstructed
+    python benchmarks/ship_int8.py --compare runs/compare --name mixed
 The model's meta.json gains a `shipped` record: which candidate, its DSC / NSD next to fp32's on the
 validation split and the demo cases (from the `qmedsam evaluate` summaries), its size, and the command that
 regenerates it. Files get normal permissions; the old shipped model is replaced only when all is written
@@ -48,7 +48,7 @@ def accuracy(compare: Path, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", type=Path, required=True, help="the folder benchmarks/qat_compare.sh wrote")
-    parser.add_argument("--name", required=True, help="candidate model folder inside --compare (e.g. reconstructed)")
+    parser.add_argument("--name", required=True, help="candidate model folder inside --compare (e.g. mixed)")
     parser.add_argument("--out", type=Path, default=TARGET)
     parser.add_argument(
         "--why",
@@ -66,8 +66,9 @@ def main() -> int:
         "candidate": args.name,
         "chosen_by": args.why,
         "made_by": [
-            "qmedsam train --config configs/train/cpu_recipe.yaml",
-            f"benchmarks/qat_compare.sh runs/cpu  (exports and scores every candidate; this one: {args.name})",
+            *(["qmedsam train --config configs/train/cpu_recipe.yaml"] if "reconstructed" in args.name else []),
+            meta["source"]["command"],
+            f"benchmarks/qat_compare.sh  (exports and scores every candidate; this one: {args.name})",
         ],
         "accuracy": accuracy(args.compare, args.name),
         "size_bytes": size,
