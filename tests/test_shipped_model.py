@@ -31,6 +31,7 @@ sys.meta_path.insert(0, _BlockTorch())
 
 def test_shipped_int8_model_is_self_describing_and_portable():
     assert resolve_model_dir("int8") == SHIPPED_INT8_DIR
+    assert resolve_model_dir(None) == SHIPPED_INT8_DIR  # the default of `qmedsam predict` and `Segmenter()`
     meta = json.loads((SHIPPED_INT8_DIR / "meta.json").read_text())
     assert meta["precision"] == "int8"
     shipped = meta["shipped"]
@@ -49,7 +50,8 @@ def test_shipped_int8_model_is_self_describing_and_portable():
         assert stat.S_IMODE(item.stat().st_mode) & 0o044 == 0o044, f"{item} is not readable by other users"
 
 
-def test_predict_with_the_shipped_model_needs_no_torch(demo_dir: Path, tmp_path: Path):
+def test_default_predict_needs_no_torch(demo_dir: Path, tmp_path: Path):
+    """`qmedsam predict` with no -m (the shipped int8 model) on a real demo case, where importing torch fails."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "QMEDSAM_CACHE": str(tmp_path / "cache")}
@@ -58,13 +60,14 @@ def test_predict_with_the_shipped_model_needs_no_torch(demo_dir: Path, tmp_path:
     case = demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz"
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "qmedsam", "predict", "-i", str(case), "-o", str(out), "-m", "int8"],
+        [sys.executable, "-m", "qmedsam", "predict", "-i", str(case), "-o", str(out)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "cache" / "models").exists()  # nothing was built: the shipped model was used
     segs = np.load(out / case.name)["segs"]
     gts = np.load(demo_dir / "gts" / case.name)["gts"]
     dice = [

@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-m",
         "--model",
         default=None,
-        help="'fp32' (the pretrained weights as an fp32 IR, built once into the user cache; the default), 'int8' (the "
-        "int8 model shipped in the package) or an OpenVINO model directory from `qmedsam export`",
+        help="'int8' (the int8 model shipped in the package, no PyTorch needed; the default), 'fp32' (the pretrained "
+        "weights as an fp32 IR, built once into the user cache; needs PyTorch the first time) or an OpenVINO model "
+        "directory from `qmedsam export`",
     )
     parser.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
     parser.add_argument(

@@ -261,13 +261,14 @@ ModelChoice = str | os.PathLike | None
 
 
 def resolve_model_dir(model: ModelChoice) -> Path:
-    """None -> the default model of `qmedsam predict`; "fp32" -> the pretrained fp32 IR (built once into the
-    user cache); "int8" -> the int8 model shipped in the package; anything else -> a model directory."""
+    """None or "int8" -> the int8 model shipped in the package (the default of `qmedsam predict`: no PyTorch
+    needed); "fp32" -> the pretrained fp32 IR (built once into the user cache); anything else -> a model
+    directory."""
     from qmedsam.errors import UserFacingError
 
-    if model is None or model == "fp32":
+    if model == "fp32":
         return ensure_default_model()
-    if model == "int8":
+    if model is None or model == "int8":
         return shipped_int8_model_dir()
     path = Path(model)
     if not path.is_dir():
@@ -276,7 +277,7 @@ def resolve_model_dir(model: ModelChoice) -> Path:
 
 
 def ensure_default_model() -> Path:
-    """Return the default model directory, exporting it from the pretrained weights if needed."""
+    """The fp32 model directory (`-m fp32`), exported from the pretrained weights into the cache once."""
     from qmedsam.errors import UserFacingError
 
     model_dir = default_model_dir()
@@ -286,8 +287,9 @@ def ensure_default_model() -> Path:
         import torch  # noqa: F401
     except ImportError:
         raise UserFacingError(
-            "No model directory given (-m) and the default model is not built yet; building it needs PyTorch. "
-            "Install `qmedsam[train]` once, or pass -m MODEL_DIR from `qmedsam export`."
+            "-m fp32: the fp32 model is not built yet, and building it from the pretrained weights needs PyTorch. "
+            "Install `qmedsam[train]` once, use the shipped int8 model (the default, no -m), or pass -m MODEL_DIR "
+            "from `qmedsam export`."
         ) from None
     from qmedsam.model.litemedsam import load_pretrained_litemedsam
 
