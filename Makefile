@@ -27,11 +27,13 @@ lint:
 # Regenerate the int8 model shipped in the package (src/qmedsam/models/int8): the CPU QAT recipe, every
 # comparison model exported and scored (benchmarks/qat_compare.sh), then the chosen one copied in with its
 # measured accuracy in meta.json. About an hour on 2 cores.
-INT8_CANDIDATE ?= reconstructed
+INT8_CANDIDATE ?= mixed
 int8-model:
 	$(BIN)/qmedsam data train --out data/train
 	[ -f runs/cpu/init.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_recipe.yaml
-	benchmarks/qat_compare.sh runs/cpu
+	[ -f runs/cpu-mixed/last.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_recipe.yaml \
+	  --set quant_spec=configs/quant/w8a8_mixed.yaml out_dir=runs/cpu-mixed
+	benchmarks/qat_compare.sh runs/cpu runs/cpu-mixed
 	$(BIN)/python benchmarks/ship_int8.py --compare runs/compare --name $(INT8_CANDIDATE)
 
 # Regenerate docs/napari-widget.png (the README's screenshot): the napari viewer on a virtual screen. Installs

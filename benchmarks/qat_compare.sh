@@ -4,8 +4,8 @@
 # validation split of the training tree and on the demo cases, plus encoder ms side by side in one run.
 # Every number in the table comes from the commands below; run from the repository root after `make setup`.
 # Usage: benchmarks/qat_compare.sh [RUN_DIR [MIXED_RUN_DIR]]   (defaults runs/cpu and runs/cpu-mixed, from
-#        `qmedsam train --config configs/train/cpu_recipe.yaml --set quant_spec=configs/quant/w8a8_per_channel.yaml
-#        out_dir=runs/cpu` and `qmedsam train --config configs/train/cpu_recipe.yaml` (its spec: w8a8_mixed.yaml)):
+#        `qmedsam train --config configs/train/cpu_recipe.yaml` and the same with
+#        `--set quant_spec=configs/quant/w8a8_mixed.yaml out_dir=runs/cpu-mixed`, as `make int8-model` runs them):
 #        RUN_DIR/last.pt is the trained model and RUN_DIR/init.pt the same run's starting point (calibrated +
 #        block-reconstructed, before the e2e stage); a missing run dir skips its rows.
 set -euo pipefail
