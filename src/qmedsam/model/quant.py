@@ -122,7 +122,8 @@ class QuantSpec:
         return self.image_encoder or self.mask_decoder
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data as YAML / JSON hold it (lists, not tuples), so it equals a spec read back from meta.json."""
+        return {**dataclasses.asdict(self), "float_layers": list(self.float_layers)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "quant spec") -> QuantSpec:
