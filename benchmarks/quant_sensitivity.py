@@ -11,7 +11,7 @@ encoder's multiply-accumulates, since keeping a layer float costs speed in propo
     .venv/bin/python benchmarks/quant_sensitivity.py --out benchmarks/quant_sensitivity.json
     .venv/bin/python benchmarks/quant_sensitivity.py --table benchmarks/quant_sensitivity.json   # table only
 
-About 15 s per layer on 2 cores (79 layers: ~20 min).
+About 15 s per layer on 2 cores (109 quantized modules: ~30 min).
 """
 
 from __future__ import annotations

@@ -84,9 +84,9 @@ class EngineConfig:
 
         if self.kind == "torch":
             return TorchEngine.pretrained(num_threads)
-        from qmedsam.deploy.export import ensure_default_model
+        from qmedsam.deploy.export import ensure_fp32_model
 
-        return OpenVINOEngine(self.model_dir or ensure_default_model(), self.precision, num_threads)
+        return OpenVINOEngine(self.model_dir or ensure_fp32_model(), self.precision, num_threads)
 
 
 def samples_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:

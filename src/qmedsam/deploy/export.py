@@ -267,7 +267,7 @@ def resolve_model_dir(model: ModelChoice) -> Path:
     from qmedsam.errors import UserFacingError
 
     if model == "fp32":
-        return ensure_default_model()
+        return ensure_fp32_model()
     if model is None or model == "int8":
         return shipped_int8_model_dir()
     path = Path(model)
@@ -276,7 +276,7 @@ def resolve_model_dir(model: ModelChoice) -> Path:
     return path
 
 
-def ensure_default_model() -> Path:
+def ensure_fp32_model() -> Path:
     """The fp32 model directory (`-m fp32`), exported from the pretrained weights into the cache once."""
     from qmedsam.errors import UserFacingError
 

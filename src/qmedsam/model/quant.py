@@ -294,19 +294,15 @@ def prepare_quantized(model: nn.Module, quant: QuantSpec | None) -> nn.Module:
                 module.softmax_quant = nn.Identity()
     if quant is not None:
         for name in quant.float_layers:
-            _replace_module(model, name, float_twin(model.get_submodule(name) if _has(model, name) else None, name))
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise QuantSpecError(f"float_layers: {name!r} is no such module") from None
+            model.set_submodule(name, float_twin(module, name))
     return model
 
 
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def float_twin(module: nn.Module | None, name: str) -> nn.Module:
+def float_twin(module: nn.Module, name: str) -> nn.Module:
     """The float layer a quantized one stands for (same parameter names, so float weights load into it)."""
     import brevitas.nn as qnn
 
@@ -324,17 +320,9 @@ def float_twin(module: nn.Module | None, name: str) -> nn.Module:
         return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     if isinstance(module, qnn.QuantIdentity):
         return nn.Identity()
-    kind = (
-        "no such module"
-        if module is None
-        else f"a {type(module).__name__}, not a quantized conv, linear or matmul input"
+    raise QuantSpecError(
+        f"float_layers: {name!r} is a {type(module).__name__}, not a quantized conv, linear or matmul input"
     )
-    raise QuantSpecError(f"float_layers: {name!r} is {kind}")
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 # --- weights -------------------------------------------------------------------------------------------
