@@ -48,3 +48,10 @@ def test_bench_process_times_whole_predictors_cold_and_warm(demo_dir: Path, cpp_
     assert all(row["cold_s"] > 0 and row["warm_s"] > 0 for row in rows) and rows[0]["warm_ratio"] == 1.0
     assert set(report["machine"]["flags"]) >= {"avx512_vnni", "amx_int8", "avx512_bf16"}
     assert "cold ratio" in capsys.readouterr().out
+
+
+def test_bench_components_defaults_to_the_shipped_int8_model_like_predict(tmp_path: Path):
+    out = tmp_path / "components.json"
+    assert main(["bench", "components", "--precision", "f32", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["config"], row["ir_precision"]) for row in rows] == [("openvino:f32@int8", "int8")]

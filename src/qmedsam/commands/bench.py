@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="WHAT")
     components = sub.add_parser("components", help="median ms of encoder and decoder (1 and 16 boxes)")
     components.add_argument(
-        "-m", "--model", type=Path, action="append", default=None,
-        help="model directory (repeatable); default: the pretrained fp32 model",
+        "-m", "--model", action="append", default=None,
+        help="'int8' (the shipped model), 'fp32' or a model folder (repeatable; default: int8, as predict)",
     )  # fmt: skip
     components.add_argument("--precision", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16"])
     components.add_argument("--torch", action="store_true", help="also time the PyTorch fp32 reference")
@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cases.add_argument("-i", "--input", type=Path, required=True, help="folder of case .npz files")
     cases.add_argument("--gt", type=Path, default=None, help="ground-truth folder (adds DSC/NSD)")
     cases.add_argument(
-        "-m", "--model", type=Path, action="append", default=None,
-        help="OpenVINO model directory (repeatable: every engine config runs on each; default: pretrained fp32)",
+        "-m", "--model", action="append", default=None,
+        help="'int8', 'fp32' or a model folder (repeatable: every engine config runs on each; default: int8)",
     )  # fmt: skip
     cases.add_argument(
         "--engines", nargs="+", default=["torch", "openvino:f32", "openvino:bf16"],
@@ -84,10 +84,17 @@ def _write_json(path: Path | None, payload: dict) -> None:
         atomic_write_bytes(path, (json.dumps({"machine": machine_record(), **payload}, indent=2) + "\n").encode())
 
 
+def _model_dirs(models: list[str] | None) -> list[Path]:
+    """-m values as predict reads them: 'int8' (default), 'fp32' or a model folder."""
+    from qmedsam.deploy.export import resolve_model_dir
+
+    return [resolve_model_dir(model) for model in models or ["int8"]]
+
+
 def run_components(args: argparse.Namespace) -> int:
     from qmedsam.deploy.bench import EngineConfig, time_components
 
-    models = args.model or [None]
+    models = _model_dirs(args.model)
     configs = [EngineConfig("openvino", p, m) for m in models for p in args.precision]
     if args.torch:
         configs.insert(0, EngineConfig("torch"))
@@ -123,7 +130,7 @@ def run_cases(args: argparse.Namespace) -> int:
     if not case_paths:
         raise UserFacingError(f"{args.input}: no .npz case files")
     try:
-        parsed = [EngineConfig.parse(text, model) for model in args.model or [None] for text in args.engines]
+        parsed = [EngineConfig.parse(text, model) for model in _model_dirs(args.model) for text in args.engines]
     except ValueError as exc:
         raise UserFacingError(str(exc)) from None
     configs = list(dict.fromkeys(parsed))  # torch ignores --model: run it once

@@ -70,7 +70,12 @@ class EngineConfig:
     @property
     def label(self) -> str:
         base = "torch" if self.kind == "torch" else f"openvino:{self.precision}"
-        return base if self.model_dir is None else f"{base}@{self.model_dir.name}"
+        if self.model_dir is None:
+            return base
+        from qmedsam.deploy.export import default_model_dir
+
+        name = "fp32" if self.model_dir == default_model_dir() else self.model_dir.name  # not the cache's long name
+        return f"{base}@{name}"
 
     @classmethod
     def parse(cls, text: str, model_dir: Path | None = None) -> EngineConfig:
