@@ -37,7 +37,7 @@ class Segmenter:
     def __init__(
         self,
         model: ModelChoice = None,
-        precision: Literal["f32", "bf16"] = "f32",
+        precision: Literal["auto", "f32", "bf16"] = "auto",
         threads: int | None = None,
         *,
         engine: Engine | None = None,

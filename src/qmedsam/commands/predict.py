@@ -46,9 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
     parser.add_argument(
         "--precision",
-        choices=["f32", "bf16"],
-        default="f32",
-        help="OpenVINO inference precision hint (default f32; bf16 is faster on CPUs that have it)",
+        choices=["auto", "f32", "bf16"],
+        default="auto",
+        help="OpenVINO precision of the float ops: 'auto' (default) measures f32 vs bf16 per model part once on "
+        "this CPU, keeps bf16 only where it is faster and its masks agree with f32 (Dice >= 0.99), and caches the "
+        "choice; f32 on CPUs without native bf16",
     )
     parser.add_argument(
         "--prompt-mode",

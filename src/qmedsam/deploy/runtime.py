@@ -20,6 +20,8 @@ from qmedsam.errors import UserFacingError
 log = logging.getLogger(__name__)
 
 PRECISION_HINTS = ("f32", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISION_HINTS)
+"""`auto`: each part's hint measured on this CPU and cached (`qmedsam.deploy.precision`)."""
 
 
 class Engine(Protocol):
@@ -100,7 +102,9 @@ class OpenVINOEngine:
     """OpenVINO engine over an exported model directory.
 
     The CPU plugin's default inference precision is bf16 where the CPU supports it, so the hint is
-    always set explicitly. Compiled blobs are cached (`CACHE_DIR`) so later processes start fast.
+    always set explicitly: f32, bf16, or `auto` (per part, measured once on this CPU with an accuracy gate,
+    then cached; f32 on a CPU without native bf16). Compiled blobs are cached (`CACHE_DIR`) so later
+    processes start fast.
     Inputs are never shared with OpenVINO (`share_inputs=False`): a later call must not see, or
     overwrite, an array the caller still holds.
     """
@@ -114,24 +118,36 @@ class OpenVINOEngine:
     ) -> None:
         import openvino as ov
 
-        if precision not in PRECISION_HINTS:
-            raise UserFacingError(f"precision hint must be one of {PRECISION_HINTS}, got {precision!r}")
+        if precision not in PRECISION_CHOICES:
+            raise UserFacingError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
-        self.precision = precision
-        self.name = f"openvino-{self.meta.get('precision', 'fp32')}-{precision}"
-        core = ov.Core()
         cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "ov_cache"
         cache.mkdir(parents=True, exist_ok=True)
-        config: dict[str, object] = {
-            "INFERENCE_PRECISION_HINT": precision,
-            "PERFORMANCE_HINT": "LATENCY",
-            "CACHE_DIR": str(cache),
-        }
-        if num_threads:
-            config["INFERENCE_NUM_THREADS"] = int(num_threads)
-        self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", config)
-        self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", config)
+        if precision == "auto":
+            from qmedsam.deploy.precision import choose_precision
+
+            choice = choose_precision(self.model_dir, cache, num_threads)
+            self.hints = {"encoder": choice.encoder, "decoder": choice.decoder}
+        else:
+            self.hints = {"encoder": precision, "decoder": precision}
+        same = self.hints["encoder"] == self.hints["decoder"]
+        self.precision = self.hints["encoder"] if same else f"{self.hints['encoder']}/{self.hints['decoder']}"
+        self.name = f"openvino-{self.meta.get('precision', 'fp32')}-{self.precision}"
+        core = ov.Core()
+
+        def config(part: str) -> dict[str, object]:
+            settings: dict[str, object] = {
+                "INFERENCE_PRECISION_HINT": self.hints[part],
+                "PERFORMANCE_HINT": "LATENCY",
+                "CACHE_DIR": str(cache),
+            }
+            if num_threads:
+                settings["INFERENCE_NUM_THREADS"] = int(num_threads)
+            return settings
+
+        self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", config("encoder"))
+        self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", config("decoder"))
         self._encode_request = self.encoder.create_infer_request()
         self._decode_request = self.decoder.create_infer_request()
 

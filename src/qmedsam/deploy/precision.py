@@ -1,0 +1,202 @@
+"""Choose OpenVINO's inference precision per model part by measuring it on this CPU, and remember the choice.
+
+The CPU plugin can run a model's float ops in f32 or bf16. Which is faster depends on the CPU and on the part:
+on an Intel Xeon with AVX-512 BF16 but no AMX, bf16 made the fp32 encoder slower (667 vs 524 ms) and the
+decoder faster (687 vs 780 ms at 16 boxes), and it cost 0.012 DSC on real cases. So nothing is assumed: for
+each part (encoder, decoder) every candidate hint is timed, its masks are compared with the f32 masks on a
+fixed probe, and the fastest candidate that keeps agreement >= `min_agreement` wins. A CPU without native
+bf16 (no AVX-512 BF16, no AMX) has nothing to gain and is not measured. The choice is cached per model,
+CPU, OpenVINO version and thread count, next to the compiled-model cache, so only the first run pays for it
+(a few seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = ("f32", "bf16")
+MIN_AGREEMENT = 0.99
+"""Mean per-box mask Dice against the f32 masks a candidate must keep on the probe."""
+MIN_SPEEDUP = 1.05
+"""A candidate replaces f32 only if it is at least this much faster (timing noise must not flip choices)."""
+PARTS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The hint each part runs with, why, and what was measured (empty when nothing needed measuring)."""
+
+    encoder: str
+    decoder: str
+    reason: str
+    measurements: dict = field(default_factory=dict)
+
+    def hint(self, part: str) -> str:
+        return self.encoder if part == "encoder" else self.decoder
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it a bf16 hint gains nothing."""
+    from qmedsam.deploy.bench import cpu_flags
+
+    flags = cpu_flags()
+    return flags["avx512_bf16"] or flags["amx_bf16"]
+
+
+def probe_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic phantom (ellipses of different brightness on a textured background, as a preprocessed
+    (1, 3, 256, 256) image) and a box around each ellipse in 256-space: real structure to segment, so
+    mask agreement means something, without shipping an image."""
+    rng = np.random.default_rng(20241)
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+    image = 0.15 + 0.05 * rng.standard_normal((256, 256)).astype(np.float32)
+    boxes = []
+    for cy, cx, ry, rx, level in [
+        (60, 70, 30, 40, 0.8),
+        (70, 180, 25, 20, 0.55),
+        (150, 60, 35, 25, 0.65),
+        (160, 170, 45, 55, 0.4),
+        (215, 120, 18, 30, 0.9),
+        (120, 120, 12, 12, 0.7),
+    ]:
+        image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = level
+        boxes.append([cx - rx - 4, cy - ry - 4, cx + rx + 4, cy + ry + 4])
+    image = np.clip(image, 0.0, 1.0)
+    return np.repeat(image[None, None], 3, axis=1), np.clip(np.array(boxes, np.float32), 0, 256)
+
+
+def mask_agreement(masks: np.ndarray, reference: np.ndarray) -> float:
+    """Mean per-box Dice of two (B, H, W) boolean mask stacks (two empty masks agree fully)."""
+    overlap = (masks & reference).reshape(len(masks), -1).sum(1)
+    total = masks.reshape(len(masks), -1).sum(1) + reference.reshape(len(reference), -1).sum(1)
+    dice = np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
+    return float(dice.mean())
+
+
+def choice_path(model_dir: Path, cache_dir: Path, num_threads: int | None, candidates: tuple[str, ...]) -> Path:
+    """Where the choice for this model, CPU, OpenVINO version, thread count and candidate set is kept."""
+    import openvino as ov
+
+    from qmedsam.deploy.bench import cpu_name
+
+    model = hashlib.sha256()
+    for name in ("encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin"):
+        stat = (model_dir / name).stat()
+        model.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    model.update((model_dir / "meta.json").read_bytes())
+    setup = f"{cpu_name()}|{ov.get_version()}|threads={num_threads}|{','.join(candidates)}|{MIN_AGREEMENT}"
+    key = hashlib.sha256(model.digest() + setup.encode()).hexdigest()[:20]
+    return cache_dir / "qmedsam-precision" / f"{key}.json"
+
+
+def choose_precision(
+    model_dir: Path,
+    cache_dir: Path,
+    num_threads: int | None = None,
+    candidates: tuple[str, ...] = CANDIDATES,
+    min_agreement: float = MIN_AGREEMENT,
+    measure_anyway: bool = False,
+) -> PrecisionChoice:
+    """The hint per part for this model on this CPU: cached (in `cache_dir`, OpenVINO's model cache), else
+    measured (see the module docstring). `measure_anyway` measures even on a CPU without native bf16."""
+    if not measure_anyway and not native_bf16():
+        return PrecisionChoice("f32", "f32", "this CPU has no native bf16 (AVX-512 BF16 or AMX): f32")
+    path = choice_path(model_dir, cache_dir, num_threads, candidates)
+    if path.is_file() and min_agreement == MIN_AGREEMENT:
+        try:
+            cached = PrecisionChoice(**json.loads(path.read_text()))
+            if cached.encoder in candidates and cached.decoder in candidates:
+                return cached
+        except (OSError, TypeError, ValueError):
+            log.warning("%s: unreadable cached precision choice; measuring again", path)
+    choice = measure_precision(model_dir, cache_dir, num_threads, candidates, min_agreement)
+    if min_agreement == MIN_AGREEMENT:  # only the default gate is remembered
+        from qmedsam.data.cases import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(asdict(choice), indent=1) + "\n").encode())
+    log.info("precision: encoder %s, decoder %s (%s)", choice.encoder, choice.decoder, choice.reason)
+    return choice
+
+
+def _median_ms(run, repeats: int = 5) -> float:
+    run()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def measure_precision(
+    model_dir: Path,
+    cache_dir: Path,
+    num_threads: int | None,
+    candidates: tuple[str, ...],
+    min_agreement: float,
+) -> PrecisionChoice:
+    """Time each part at each candidate hint and score its masks against f32 on the probe."""
+    import openvino as ov
+
+    if "f32" not in candidates:
+        candidates = ("f32", *candidates)  # f32 is the accuracy reference and the fallback
+    core = ov.Core()
+    compiled = {}
+    for part in PARTS:
+        for hint in candidates:
+            config: dict[str, object] = {
+                "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "LATENCY",
+                "CACHE_DIR": str(cache_dir),
+            }
+            if num_threads:
+                config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            compiled[part, hint] = core.compile_model(str(model_dir / f"{part}.xml"), "CPU", config)
+    image, boxes = probe_inputs()
+    boxes = boxes.reshape(-1, 1, 4)
+
+    def encode(hint: str) -> np.ndarray:
+        return np.array(compiled["encoder", hint]({"image": image})[0])
+
+    def decode(hint: str, embedding: np.ndarray) -> np.ndarray:
+        return np.array(compiled["decoder", hint]({"image_embedding": embedding, "boxes": boxes})[0])
+
+    reference_embedding = encode("f32")
+    reference_masks = decode("f32", reference_embedding) > 0
+    measured: dict[str, dict[str, dict[str, float]]] = {part: {} for part in PARTS}
+    for hint in candidates:
+        embedding = encode(hint)
+        measured["encoder"][hint] = {
+            "ms": _median_ms(lambda h=hint: encode(h)),
+            "agreement": mask_agreement(decode("f32", embedding) > 0, reference_masks),
+        }
+        measured["decoder"][hint] = {
+            "ms": _median_ms(lambda h=hint: decode(h, reference_embedding)),
+            "agreement": mask_agreement(decode(hint, reference_embedding) > 0, reference_masks),
+        }
+    chosen = {}
+    for part in PARTS:
+        baseline = measured[part]["f32"]["ms"]
+        best = "f32"
+        for hint in candidates:
+            row = measured[part][hint]
+            faster = baseline / row["ms"] >= MIN_SPEEDUP and row["ms"] < measured[part][best]["ms"]
+            if hint != "f32" and row["agreement"] >= min_agreement and faster:
+                best = hint
+        chosen[part] = best
+    reason = (
+        f"measured on the probe: fastest hint per part among those with mask agreement >= {min_agreement} "
+        f"vs f32 and at least {MIN_SPEEDUP}x faster than f32"
+    )
+    return PrecisionChoice(chosen["encoder"], chosen["decoder"], reason, measured)
