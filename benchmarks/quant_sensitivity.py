@@ -1,4 +1,4 @@
-"""Which encoder layers' quantization costs the most accuracy: the measurement behind `float_layers`.
+"""Which layers' quantization costs the most accuracy: the measurement behind `float_layers`.
 
 For the calibrated int8 encoder (the spec's calibration on `--calib`, as `qmedsam export --quant` does), each
 quantized layer in turn has its quantizers switched off (input and weight: the layer runs float, everything
@@ -8,8 +8,14 @@ else stays int8) and the relative squared error of the image embedding against t
 so the choice it supports is not tuned on the cases it is scored on. Also printed: each layer's share of the
 encoder's multiply-accumulates, since keeping a layer float costs speed in proportion to it.
 
+`--part decoder` does the same for the mask decoder: both decoders get the FLOAT encoder's embedding (so the
+decoder's own error is isolated) and the error is the mean disagreement 1 - Dice between the quantized and the
+float decoder's masks over every box of each slice; the MAC share is per box.
+
     .venv/bin/python benchmarks/quant_sensitivity.py --out benchmarks/quant_sensitivity.json
     .venv/bin/python benchmarks/quant_sensitivity.py --table benchmarks/quant_sensitivity.json   # table only
+    .venv/bin/python benchmarks/quant_sensitivity.py --part decoder --quant configs/quant/w8a8_mixed.yaml \
+        --out benchmarks/quant_sensitivity_decoder.json
 
 About 15 s per layer on 2 cores (109 quantized modules: ~30 min).
 """
@@ -26,8 +32,9 @@ import torch
 from torch import nn
 
 
-def encoder_macs() -> dict[str, int]:
-    """Multiply-accumulates of every conv / linear of the (BatchNorm-folded) encoder on a 256x256 input."""
+def part_macs(part: str) -> dict[str, int]:
+    """Multiply-accumulates of every conv / linear of one part of the float model (BatchNorm folded): the
+    encoder on a 256x256 input, or the decoder for one box."""
     from qmedsam.model.litemedsam import LiteMedSAM
     from qmedsam.model.tiny_vit import fuse_conv_bn
 
@@ -37,7 +44,9 @@ def encoder_macs() -> dict[str, int]:
 
     def hook(name: str):
         def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.ConvTranspose2d):
+                per_output = module.in_channels // module.groups  # stride == kernel: each output sees one tap
+            elif isinstance(module, nn.Conv2d):
                 per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
             else:
                 per_output = module.in_features
@@ -45,12 +54,18 @@ def encoder_macs() -> dict[str, int]:
 
         return record
 
-    for name, module in model.image_encoder.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            module.register_forward_hook(hook(f"image_encoder.{name}"))
+    root = PART_MODULES[part]
+    for name, module in getattr(model, root).named_modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            module.register_forward_hook(hook(f"{root}.{name}"))
     with torch.no_grad():
-        model.image_encoder(torch.zeros(1, 3, 256, 256))
+        embedding = model.encode(torch.zeros(1, 3, 256, 256))
+        if part == "decoder":
+            model.decode(embedding, torch.tensor([[32.0, 32.0, 160.0, 160.0]]))
     return macs
+
+
+PART_MODULES = {"encoder": "image_encoder", "decoder": "mask_decoder"}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -67,26 +82,42 @@ def measure(args: argparse.Namespace) -> dict:
     calibrate(model, model_inputs(real_slices(args.calib, limit=args.calib_slices)))
     reference = load_pretrained_litemedsam().eval()
     slices = [s for folder in args.slices for s in real_slices(folder[0], limit=int(folder[1]), max_boxes=4)]
-    images = [batch[0] for batch in model_inputs(slices)]
+    batches = model_inputs(slices)
     with torch.no_grad():
-        targets = [reference.encode(x) for x in images]
+        float_embeddings = [reference.encode(image) for image, _ in batches]
+        float_masks = [reference.decode(e, b)[0] > 0 for e, (_, b) in zip(float_embeddings, batches, strict=True)]
 
-    def errors() -> list[float]:
+    def encoder_errors() -> list[float]:
         with torch.no_grad():
             return [
-                float((model.encode(x) - t).pow(2).sum() / t.pow(2).sum()) for x, t in zip(images, targets, strict=True)
+                float((model.encode(image) - target).pow(2).sum() / target.pow(2).sum())
+                for (image, _), target in zip(batches, float_embeddings, strict=True)
             ]
 
+    def decoder_errors() -> list[float]:
+        errors = []
+        with torch.no_grad():
+            for embedding, (_, boxes), target in zip(float_embeddings, batches, float_masks, strict=True):
+                masks = model.decode(embedding, boxes)[0] > 0
+                overlap = (masks & target).flatten(1).sum(1).double()
+                total = masks.flatten(1).sum(1).double() + target.flatten(1).sum(1).double()
+                dice = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total))
+                errors.append(float(1 - dice.mean()))
+        return errors
+
+    errors = encoder_errors if args.part == "encoder" else decoder_errors
     names = [s.name for s in slices]
-    result: dict = {"quant_spec": str(args.quant), "slices": names, "layers": {}}
+    result: dict = {"part": args.part, "quant_spec": str(args.quant), "slices": names, "layers": {}}
     if args.out is not None and args.out.is_file():  # resume an interrupted measurement of the same setup
         earlier = json.loads(args.out.read_text())
-        if (earlier.get("quant_spec"), earlier.get("slices")) == (str(args.quant), names):
+        setup = (earlier.get("part", "encoder"), earlier.get("quant_spec"), earlier.get("slices"))
+        if setup == (args.part, str(args.quant), names):
             result = earlier
     result.setdefault("base", errors())
+    root = PART_MODULES[args.part]
     layers = [
-        (f"image_encoder.{name}", module)
-        for name, module in model.image_encoder.named_modules()
+        (f"{root}.{name}", module)
+        for name, module in getattr(model, root).named_modules()
         if any(isinstance(child, QuantProxyFromInjector) for child in module.children())
     ]
     for name, module in layers:
@@ -107,15 +138,17 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def table(result: dict, top: int) -> str:
-    macs = encoder_macs()
+    part = result.get("part", "encoder")
+    macs = part_macs(part)
     total = sum(macs.values())
     base = sum(result["base"]) / len(result["base"])
     rows = sorted(result["layers"].items(), key=lambda item: sum(item[1]) / len(item[1]))
+    what = "relative squared embedding error" if part == "encoder" else "mask disagreement (1 - Dice) with float"
     lines = [
-        f"Calibrated int8 encoder, relative squared embedding error on {len(result['base'])} training-split slices "
-        f"({', '.join(result['slices'])}): mean {base:.4f} with every layer int8.",
+        f"Calibrated int8 {part}, {what} on {len(result['base'])} training-split slices "
+        f"({', '.join(result['slices'])}): mean {base:.4f} with every layer of the spec quantized.",
         "",
-        "| layer kept float | mean error | reduction | per slice | share of encoder MACs |",
+        f"| layer kept float | mean error | reduction | per slice | share of {part} MACs |",
         "|---|---|---|---|---|",
     ]
     for name, errs in rows[:top]:
@@ -130,6 +163,7 @@ def table(result: dict, top: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=sorted(PART_MODULES), default="encoder", help="which part to measure")
     parser.add_argument("--quant", type=Path, default=Path("configs/quant/w8a8_per_channel.yaml"))
     parser.add_argument("--calib", type=Path, default=Path("data/trainsplit/cases"))
     parser.add_argument("--calib-slices", type=int, default=8)

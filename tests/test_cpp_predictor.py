@@ -110,7 +110,8 @@ def test_bad_and_odd_cases_get_the_same_verdict_and_masks(cpp_binary, demo_dir, 
     inputs, py_out, cpp_out = tmp_path / "in", tmp_path / "py", tmp_path / "cpp"
     inputs.mkdir()
     _bad_and_odd_cases(inputs, demo_dir)
-    assert main(["predict", "-i", str(inputs), "-o", str(py_out), "-m", "int8"]) == 1
+    # f32 as the C++ predictor runs (the Python default, auto, may pick bf16 on a CPU that has it)
+    assert main(["predict", "-i", str(inputs), "-o", str(py_out), "-m", "int8", "--precision", "f32"]) == 1
     result = run_cpp(cpp_binary, inputs, cpp_out)
     assert result.returncode == 1, result.stderr
     python, cpp = statuses(py_out), statuses(cpp_out)

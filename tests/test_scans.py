@@ -26,8 +26,9 @@ CT_ORGANS = (1, 2, 3)  # spleen, kidney_right, kidney_left in TotalSegmentator's
 
 
 def _predict(source: Path, out: Path, model_dir: Path, *prompt: str) -> int:
-    """`qmedsam predict -i SOURCE -o OUT -m MODEL PROMPT...` in process; its exit code."""
-    return main(["predict", "-i", str(source), "-o", str(out), "-m", str(model_dir), *prompt])
+    """`qmedsam predict -i SOURCE -o OUT -m MODEL --precision f32 PROMPT...` in process; its exit code (f32 as
+    the engines it is compared with)."""
+    return main(["predict", "-i", str(source), "-o", str(out), "-m", str(model_dir), "--precision", "f32", *prompt])
 
 
 def _nifti(raw: bytes):
