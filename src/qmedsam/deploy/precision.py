@@ -149,19 +149,15 @@ def measure_precision(
     """Time each part at each candidate hint and score its masks against f32 on the probe."""
     import openvino as ov
 
+    from qmedsam.deploy.runtime import compile_config
+
     if "f32" not in candidates:
         candidates = ("f32", *candidates)  # f32 is the accuracy reference and the fallback
     core = ov.Core()
     compiled = {}
     for part in PARTS:
         for hint in candidates:
-            config: dict[str, object] = {
-                "INFERENCE_PRECISION_HINT": hint,
-                "PERFORMANCE_HINT": "LATENCY",
-                "CACHE_DIR": str(cache_dir),
-            }
-            if num_threads:
-                config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            config = compile_config(hint, cache_dir, num_threads)
             compiled[part, hint] = core.compile_model(str(model_dir / f"{part}.xml"), "CPU", config)
     image, boxes = probe_inputs()
     boxes = boxes.reshape(-1, 1, 4)

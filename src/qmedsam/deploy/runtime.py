@@ -98,6 +98,18 @@ def read_model_meta(model_dir: Path) -> dict:
     return meta
 
 
+def compile_config(hint: str, cache: Path, num_threads: int | None) -> dict[str, object]:
+    """The CPU plugin settings every compiled part uses: explicit precision hint, LATENCY, the model cache."""
+    settings: dict[str, object] = {
+        "INFERENCE_PRECISION_HINT": hint,
+        "PERFORMANCE_HINT": "LATENCY",
+        "CACHE_DIR": str(cache),
+    }
+    if num_threads:
+        settings["INFERENCE_NUM_THREADS"] = int(num_threads)
+    return settings
+
+
 class OpenVINOEngine:
     """OpenVINO engine over an exported model directory.
 
@@ -135,19 +147,10 @@ class OpenVINOEngine:
         self.precision = self.hints["encoder"] if same else f"{self.hints['encoder']}/{self.hints['decoder']}"
         self.name = f"openvino-{self.meta.get('precision', 'fp32')}-{self.precision}"
         core = ov.Core()
-
-        def config(part: str) -> dict[str, object]:
-            settings: dict[str, object] = {
-                "INFERENCE_PRECISION_HINT": self.hints[part],
-                "PERFORMANCE_HINT": "LATENCY",
-                "CACHE_DIR": str(cache),
-            }
-            if num_threads:
-                settings["INFERENCE_NUM_THREADS"] = int(num_threads)
-            return settings
-
-        self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", config("encoder"))
-        self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", config("decoder"))
+        encoder_config = compile_config(self.hints["encoder"], cache, num_threads)
+        decoder_config = compile_config(self.hints["decoder"], cache, num_threads)
+        self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", encoder_config)
+        self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", decoder_config)
         self._encode_request = self.encoder.create_infer_request()
         self._decode_request = self.decoder.create_infer_request()
 
