@@ -57,7 +57,7 @@ def test_outputs_do_not_alias_inputs(fp32_model_dir, ov_cache_dir):
 def test_bad_model_dir_and_precision(tmp_path, fp32_model_dir):
     with pytest.raises(UserFacingError, match="missing encoder.xml"):
         OpenVINOEngine(tmp_path)
-    with pytest.raises(UserFacingError, match="precision hint"):
+    with pytest.raises(UserFacingError, match="precision must be one of"):
         OpenVINOEngine(fp32_model_dir, precision="int4")
 
 
