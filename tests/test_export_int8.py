@@ -100,6 +100,25 @@ def test_quantized_checkpoint_round_trips(calibrated, quantized_checkpoint, spec
         load_litemedsam(seed, quantized_checkpoint)
 
 
+def test_quantized_checkpoint_loads_with_more_float_layers(quantized_checkpoint, spec, tmp_path):
+    """A trained checkpoint can give up int8 where it costs accuracy: a spec that keeps more layers float
+    loads it (those layers' quantizer state dropped, their weights kept); the converse is refused."""
+    import dataclasses
+
+    from qmedsam.errors import UserFacingError
+
+    extra = ("mask_decoder.transformer.layers.0.cross_attn_image_to_token.q_proj", "mask_decoder.hyper_quant")
+    more_float = dataclasses.replace(spec, float_layers=(*spec.float_layers, *extra))
+    model = load_litemedsam(more_float, quantized_checkpoint)
+    assert type(model.get_submodule(extra[0])) is torch.nn.Linear
+    assert type(model.get_submodule(extra[1])) is torch.nn.Identity
+    trained = torch.load(quantized_checkpoint, map_location="cpu", weights_only=True)
+    assert torch.equal(model.get_submodule(extra[0]).weight, trained[f"{extra[0]}.weight"])
+    torch.save(model.state_dict(), tmp_path / "more_float.pt")
+    with pytest.raises(UserFacingError, match="does not match the quant spec"):
+        load_litemedsam(spec, tmp_path / "more_float.pt")
+
+
 def test_conv_and_fully_connected_layers_run_in_int8(int8_dir):
     """Read back from the CPU plugin, not assumed: every encoder Conv/FC runs i8/u8; in the decoder all
     but the prompt encoder's float Fourier-feature projection."""

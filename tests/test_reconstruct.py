@@ -10,7 +10,7 @@ import torch
 from qmedsam.deploy.export_int8 import real_slices
 from qmedsam.model import quant
 from qmedsam.model.calibrate import calibrate, model_inputs
-from qmedsam.train.reconstruct import encoder_units, reconstruct_encoder
+from qmedsam.train.reconstruct import encoder_units, reconstruct_decoder, reconstruct_encoder
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,29 @@ def test_reconstruction_moves_the_quantized_encoder_towards_float(pretrained_mod
     assert any(".value" in k for k in changed)  # learned activation scales moved too
     assert all(torch.equal(v, float_before[k]) for k, v in pretrained_model.state_dict().items())
     assert not any(p.requires_grad for p in student.image_encoder.parameters())
+
+
+def test_decoder_distillation_moves_the_quantized_decoder_towards_float(pretrained_model, real_batches):
+    """End to end on cached embeddings: the quantized decoder (fed by the quantized encoder) is trained
+    towards the float model's masks; only the decoder moves, the float model is untouched."""
+    spec = quant.QuantSpec.from_yaml(Path(__file__).parent.parent / "configs" / "quant" / "w8a8_per_channel.yaml")
+    student = quant.load_litemedsam(spec)
+    calibrate(student, real_batches)
+    samples = [(image, boxes[i : i + 1]) for image, boxes in real_batches for i in range(len(boxes))]
+    assert len(samples) == 4
+    encoder_before = {k: v.clone() for k, v in student.image_encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in student.mask_decoder.state_dict().items()}
+    float_before = {k: v.clone() for k, v in pretrained_model.state_dict().items()}
+    report = reconstruct_decoder(
+        student, pretrained_model, samples, steps=8, batch_size=3, lr=1e-4, scale_lr=1e-3, hold_out_every=4
+    )
+    assert (report.samples, report.held_out, report.steps) == (3, 1, 8)
+    assert report.loss_after < report.loss_before  # what the steps minimise, on the samples they saw
+    assert 0.5 < report.agreement_before <= 1 and 0.5 < report.agreement_after <= 1
+    assert 0.5 < report.held_out_before <= 1 and 0.5 < report.held_out_after <= 1
+    changed = [k for k, v in student.mask_decoder.state_dict().items() if not torch.equal(v, decoder_before[k])]
+    assert any(k.endswith("weight") for k in changed)
+    assert any(".value" in k for k in changed)
+    assert all(torch.equal(v, encoder_before[k]) for k, v in student.image_encoder.state_dict().items())
+    assert all(torch.equal(v, float_before[k]) for k, v in pretrained_model.state_dict().items())
+    assert not any(p.requires_grad for p in student.parameters())

@@ -71,6 +71,8 @@ def test_stage_files_load_and_follow_the_seed_protocol():
         (["train_encoder=false", "train_decoder=false"], "nothing to train"),
         (["reconstruct_encoder=true", "reconstruct_images=32"], "reconstruct_images (32) must be <= calib_slices"),
         (["reconstruct_steps=0"], "reconstruct_steps must be >= 1"),
+        (["reconstruct_decoder=true"], "reconstruct_decoder needs quantize_decoder: true"),
+        (["reconstruct_decoder_samples=0"], "reconstruct_decoder_samples must be >= 1"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(overrides, expected):
@@ -90,6 +92,7 @@ def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir:
     out = tmp_path / "cpu"
     sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=0", *SMALL]
     sets += ["reconstruct_images=1", "reconstruct_steps=1", "reconstruct_batch_size=1"]
+    sets += ["reconstruct_decoder=true", "reconstruct_decoder_samples=2", "reconstruct_decoder_steps=1"]
     result = _qmedsam("train", "--config", str(STAGES / "cpu_recipe.yaml"), "--set", *sets)
     assert result.returncode == 0, result.stderr[-3000:]
     init = torch.load(out / "init.pt", weights_only=True)
@@ -97,6 +100,9 @@ def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir:
     report = init["init"]["reconstruction"]
     assert report["units"] == 17 and report["images"] == 1 and report["steps_per_unit"] == 1
     assert report["relative_error_after"] < report["relative_error_before"]
+    decoder = init["init"]["decoder_reconstruction"]
+    assert (decoder["samples"], decoder["held_out"], decoder["steps"]) == (2, 0, 1)
+    assert 0 < decoder["agreement_after"] <= 1
     assert last["run"]["step"] == 0 and init["model"].keys() == last["model"].keys()
     assert all(torch.equal(init["model"][k], last["model"][k]) for k in init["model"])
 

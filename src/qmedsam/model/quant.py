@@ -373,11 +373,24 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], s
         )
 
 
+def without_float_layer_quantizers(
+    state: Mapping[str, torch.Tensor], float_layers: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """`state` less the quantizer entries of the modules `float_layers` names (their weights stay)."""
+
+    def dropped(key: str) -> bool:
+        return any(key.startswith(f"{name}.") and is_quantizer_key(key[len(name) :]) for name in float_layers)
+
+    return {key: value for key, value in state.items() if not dropped(key)}
+
+
 def load_litemedsam(spec: QuantSpec | None, weights: str | Path | None = None) -> nn.Module:
     """The model for `spec` with weights from a float or quantized checkpoint (default: pretrained).
 
     A quantized checkpoint must have been saved from the same spec (strict load, calibrated
-    quantizers included); a float one is folded and leaves activation quantizers uncalibrated.
+    quantizers included), except that the spec may keep more layers float than the checkpoint did: their
+    trained quantizer state is dropped (a trained model can still give up int8 where it costs accuracy).
+    A float checkpoint is folded and leaves activation quantizers uncalibrated.
     """
     from qmedsam.model.weights import pretrained_weights_path
 
@@ -385,6 +398,7 @@ def load_litemedsam(spec: QuantSpec | None, weights: str | Path | None = None) -
     state = load_state_dict_file(path)
     model = build_quantized(spec)
     if is_quantized_state_dict(state):
+        state = without_float_layer_quantizers(state, spec.float_layers if spec is not None else ())
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -460,4 +474,5 @@ __all__ = [
     "layer_factories",
     "load_float_state_dict",
     "load_litemedsam",
+    "without_float_layer_quantizers",
 ]

@@ -54,6 +54,16 @@ class TrainConfig:
     """Learning rate of weights, biases and norms (cosine-decayed per unit)."""
     reconstruct_scale_lr: float = 1e-4
     """Learning rate of the calibrated activation scales."""
+    reconstruct_decoder: bool = False
+    """With a quantized decoder: distil it from the float model on cached embeddings after the encoder is
+    settled (`qmedsam.train.reconstruct.reconstruct_decoder`): student = quantized encoder + decoder, target
+    = the float model's mask logits, so the decoder absorbs the int8 encoder's error too. Runs also when
+    `init_checkpoint` is an already quantized (e.g. encoder-reconstructed) model. Same learning rates as
+    the encoder reconstruction."""
+    reconstruct_decoder_samples: int = 96
+    """(slice, box) samples drawn from the training split (every 8th held out to report generalisation)."""
+    reconstruct_decoder_steps: int = 300
+    reconstruct_decoder_batch_size: int = 8
     teacher: bool = True
     """Distillation from the fp32 LiteMedSAM: IoU(teacher mask, GT) x MSE(student, teacher embedding) per
     sample; unlabelled samples train on the teacher's mask and embedding alone."""
@@ -108,6 +118,9 @@ class TrainConfig:
             "reconstruct_images",
             "reconstruct_steps",
             "reconstruct_batch_size",
+            "reconstruct_decoder_samples",
+            "reconstruct_decoder_steps",
+            "reconstruct_decoder_batch_size",
         )
         for key in positive:
             if getattr(self, key) < 1:
@@ -126,6 +139,8 @@ class TrainConfig:
                 f"reconstruct_images ({self.reconstruct_images}) must be <= calib_slices ({self.calib_slices}): "
                 "the reconstruction images are calibration slices"
             )
+        if self.reconstruct_decoder and not self.quantize_decoder:
+            raise ConfigError("reconstruct_decoder needs quantize_decoder: true (there is no quantized decoder)")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 or null, got {self.max_steps}")
         if isinstance(self.sampler_strategy, int) and self.sampler_strategy < 1:

@@ -142,9 +142,11 @@ def quant_spec_for(config: TrainConfig):
     return dataclasses.replace(spec, image_encoder=config.quantize_encoder, mask_decoder=config.quantize_decoder)
 
 
-def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, dict]:
+def build_student(config: TrainConfig, calibration_batches, decoder_samples=()) -> tuple[nn.Module, dict]:
     """The stage's starting model: `init_checkpoint` (float or quantized, e.g. the previous stage's) or the
-    pretrained weights; parts whose quantizers the weights do not carry are calibrated on real slices."""
+    pretrained weights; parts whose quantizers the weights do not carry are calibrated on real slices, then
+    reconstructed against the float model if the config asks (encoder block by block on the calibration
+    slices, decoder end to end on `decoder_samples`)."""
     from qmedsam.model import quant
     from qmedsam.model.calibrate import calibrate
     from qmedsam.model.litemedsam import load_state_dict_file
@@ -159,6 +161,7 @@ def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, 
         quant.load_float_state_dict(model, state, str(source))
         parts = [p for p, on in (("image_encoder", spec.image_encoder), ("mask_decoder", spec.mask_decoder)) if on]
     else:
+        state = quant.without_float_layer_quantizers(state, spec.float_layers)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not quant.is_quantizer_key(k)]
         if missing or result.unexpected_keys:
@@ -187,6 +190,21 @@ def build_student(config: TrainConfig, calibration_batches) -> tuple[nn.Module, 
             seed=config.seed,
         )
         summary["reconstruction"] = report.to_dict()
+    if config.reconstruct_decoder and spec.mask_decoder:
+        from qmedsam.model.litemedsam import load_pretrained_litemedsam
+        from qmedsam.train.reconstruct import reconstruct_decoder
+
+        decoder_report = reconstruct_decoder(
+            model,
+            load_pretrained_litemedsam(source if from_float else None),
+            list(decoder_samples),
+            steps=config.reconstruct_decoder_steps,
+            batch_size=config.reconstruct_decoder_batch_size,
+            lr=config.reconstruct_lr,
+            scale_lr=config.reconstruct_scale_lr,
+            seed=config.seed,
+        )
+        summary["decoder_reconstruction"] = decoder_report.to_dict()
     return model, summary
 
 
@@ -332,7 +350,12 @@ def train(config: TrainConfig, resume: Path | None = None, keep_process_group: b
                 dataset.set_epoch(0)
                 calib = [dataset[i] for i in np.linspace(0, len(dataset) - 1, config.calib_slices).astype(int)]
                 batches = [(s.image[None], s.box[None]) for s in calib]
-                model, summary = build_student(config, batches)
+                decoder_samples = []
+                if config.reconstruct_decoder:
+                    count = min(config.reconstruct_decoder_samples, len(dataset))
+                    picks = np.random.default_rng(config.seed).choice(len(dataset), count, replace=False)
+                    decoder_samples = [(s.image[None], s.box[None]) for s in (dataset[int(i)] for i in picks)]
+                model, summary = build_student(config, batches, decoder_samples)
                 atomic_torch_save(
                     {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "init": summary}, init_path
                 )

@@ -148,3 +148,137 @@ def relative_encoder_error(student: nn.Module, float_model: nn.Module, images: S
     with torch.no_grad():
         errors = [_relative_error(student.encode(x), float_model.encode(x)) for x in images]
     return float(sum(errors) / len(errors))
+
+
+@dataclass(frozen=True)
+class DecoderReconstructionReport:
+    samples: int
+    held_out: int
+    steps: int
+    seconds: float
+    agreement_before: float
+    """Mean mask Dice of the student (quantized encoder + decoder) against the float model on the training
+    samples, before and after; `held_out_*` the same on samples the steps never saw."""
+    agreement_after: float
+    held_out_before: float
+    held_out_after: float
+    loss_before: float
+    """The soft-label BCE on the training samples (what the steps minimise), before and after."""
+    loss_after: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _mask_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    a, b = student_logits > 0, teacher_logits > 0
+    inter = (a & b).flatten(1).sum(1).float()
+    total = (a.flatten(1).sum(1) + b.flatten(1).sum(1)).float()
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return float(dice.mean()) if len(dice) else math.nan
+
+
+def reconstruct_decoder(
+    student: nn.Module,
+    float_model: nn.Module,
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    steps: int = 200,
+    batch_size: int = 8,
+    lr: float = 1e-5,
+    scale_lr: float = 1e-4,
+    hold_out_every: int = 8,
+    seed: int = 0,
+) -> DecoderReconstructionReport:
+    """Distil the quantized mask decoder from the float model, end to end on cached embeddings.
+
+    Each sample is (image (1, 3, 256, 256), box (1, 4)). The student decoder sees the QUANTIZED encoder's
+    embedding, the target is the FLOAT model's mask logits on the FLOAT embedding, so the decoder also learns
+    to absorb what the int8 encoder got wrong; both embeddings are computed once, so a step costs a decoder
+    forward + backward only. Loss: binary cross-entropy against the teacher's probabilities (soft labels:
+    every pixel counts, the boundary most). Trained: the decoder's weights, biases, norms (`lr`) and its
+    learned activation scales (`scale_lr`); encoder and prompt encoder stay frozen. Every `hold_out_every`-th
+    sample is kept out of the steps to report whether the agreement generalises.
+    """
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(seed)
+    student.eval()
+    float_model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        boxes = torch.cat([box.reshape(1, 4) for _, box in samples])
+        q_embeddings = torch.cat([student.encode(image) for image, _ in samples])
+        f_embeddings = torch.cat([float_model.encode(image) for image, _ in samples])
+        targets = torch.cat(
+            [float_model.decode(f_embeddings[i : i + 1], boxes[i : i + 1])[0] for i in range(len(boxes))]
+        )
+    held = [i for i in range(len(samples)) if hold_out_every and i % hold_out_every == hold_out_every - 1]
+    trained = [i for i in range(len(samples)) if i not in set(held)]
+    if not trained:
+        raise ValueError("decoder reconstruction needs at least one training sample")
+
+    def student_logits(indices: Sequence[int]) -> torch.Tensor:
+        return torch.cat([student.decode(q_embeddings[i : i + 1], boxes[i : i + 1])[0] for i in indices])
+
+    def agreement(indices: Sequence[int]) -> float:
+        with torch.no_grad():
+            return _mask_agreement(student_logits(indices), targets[list(indices)]) if indices else math.nan
+
+    def soft_label_bce(indices: Sequence[int]) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(student_logits(indices), torch.sigmoid(targets[list(indices)]))
+
+    before, held_before = agreement(trained), agreement(held)
+    with torch.no_grad():
+        loss_before = float(soft_label_bce(trained))
+    for p in student.parameters():  # the encoder and prompt encoder stay frozen (and gather no gradients)
+        p.requires_grad_(False)
+    decoder = student.mask_decoder
+    scale_params = [p for n, p in decoder.named_parameters() if "quant" in n]
+    scale_ids = {id(p) for p in scale_params}
+    weight_params = [p for p in decoder.parameters() if id(p) not in scale_ids]
+    for p in decoder.parameters():
+        p.requires_grad_(True)
+    groups = [{"params": weight_params, "lr": lr}]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": scale_lr})
+    optimizer = torch.optim.Adam(groups)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    order = torch.tensor(trained)
+    for step in range(steps):
+        factor = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * factor
+        pick = order[torch.randperm(len(order), generator=generator)[:batch_size]].tolist()
+        loss = soft_label_bce(pick)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"decoder reconstruction: non-finite loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:
+            log.info("decoder reconstruction step %d/%d: soft-label BCE %.5f", step + 1, steps, float(loss.detach()))
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        loss_after = float(soft_label_bce(trained))
+    report = DecoderReconstructionReport(
+        samples=len(trained),
+        held_out=len(held),
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        agreement_before=before,
+        agreement_after=agreement(trained),
+        held_out_before=held_before,
+        held_out_after=agreement(held),
+        loss_before=loss_before,
+        loss_after=loss_after,
+    )
+    log.info(
+        "decoder reconstruction: mask agreement with float %.4f -> %.4f (held out %.4f -> %.4f) in %.0f s",
+        report.agreement_before,
+        report.agreement_after,
+        report.held_out_before,
+        report.held_out_after,
+        report.seconds,
+    )
+    return report
