@@ -26,14 +26,15 @@ lint:
 
 # Regenerate the int8 model shipped in the package (src/qmedsam/models/int8): the CPU QAT recipe, every
 # comparison model exported and scored (benchmarks/qat_compare.sh), then the chosen one copied in with its
-# measured accuracy in meta.json. About an hour on 2 cores.
-INT8_CANDIDATE ?= mixed
+# measured accuracy in meta.json. About two hours on 2 cores.
+INT8_CANDIDATE ?= mixed-distilled
 int8-model:
 	$(BIN)/qmedsam data train --out data/train
 	[ -f runs/cpu/init.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_recipe.yaml
 	[ -f runs/cpu-mixed/last.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_recipe.yaml \
 	  --set quant_spec=configs/quant/w8a8_mixed.yaml out_dir=runs/cpu-mixed
-	benchmarks/qat_compare.sh runs/cpu runs/cpu-mixed
+	[ -f runs/cpu-mixed-distilled/last.pt ] || $(BIN)/qmedsam train --config configs/train/cpu_decoder_distill.yaml
+	benchmarks/qat_compare.sh runs/cpu runs/cpu-mixed runs/cpu-mixed-distilled
 	$(BIN)/python benchmarks/ship_int8.py --compare runs/compare --name $(INT8_CANDIDATE)
 
 # Regenerate docs/napari-widget.png (the README's screenshot): the napari viewer on a virtual screen. Installs

@@ -19,6 +19,7 @@ MODELS = {
     "trained": "CPU recipe: + 30-step decoder stage (last.pt)",
     "mixed": "mixed precision (w8a8_mixed.yaml: 3 encoder layers float), calibrated",
     "mixed-reconstructed": "mixed precision + CPU recipe block reconstruction (last.pt)",
+    "mixed-distilled": "mixed precision + block reconstruction + decoder distillation (trained, shipped)",
 }
 SETS = {"val": "validation split", "demo": "demo cases"}
 
