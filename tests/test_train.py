@@ -88,6 +88,15 @@ def test_cpu_recipe_is_calibration_plus_block_reconstruction():
     assert cpu.max_steps == 0 and cpu.reconstruct_images <= cpu.calib_slices
 
 
+def test_decoder_distillation_recipe_continues_the_mixed_run():
+    """The shipped model's second step: decoder distillation on top of runs/cpu-mixed/last.pt, nothing else."""
+    distill = load_config(STAGES / "cpu_decoder_distill.yaml")
+    assert distill.reconstruct_decoder and not distill.reconstruct_encoder and distill.max_steps == 0
+    assert distill.init_checkpoint == str((STAGES / "../../runs/cpu-mixed/last.pt").resolve())
+    assert Path(distill.quant_spec).name == "w8a8_mixed.yaml" and Path(distill.out_dir).name == "cpu-mixed-distilled"
+    assert (distill.quantize_encoder, distill.quantize_decoder, distill.train_encoder) == (True, True, False)
+
+
 def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir: Path, tmp_path: Path):
     out = tmp_path / "cpu"
     sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=0", *SMALL]
