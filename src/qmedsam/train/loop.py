@@ -173,38 +173,25 @@ def build_student(config: TrainConfig, calibration_batches, decoder_samples=()) 
     summary: dict[str, Any] = {"init": str(source), "calibrated_parts": parts}
     if parts:
         summary |= calibrate(model, calibration_batches, parts=parts)
-    if config.reconstruct_encoder and "image_encoder" in parts:
+    encoder_now = config.reconstruct_encoder and "image_encoder" in parts
+    decoder_now = config.reconstruct_decoder and spec.mask_decoder
+    if encoder_now or decoder_now:
         from qmedsam.model.litemedsam import load_pretrained_litemedsam
-        from qmedsam.train.reconstruct import reconstruct_encoder
+        from qmedsam.train import reconstruct
 
+        float_model = load_pretrained_litemedsam(source if from_float else None)
+        rates = {"lr": config.reconstruct_lr, "scale_lr": config.reconstruct_scale_lr, "seed": config.seed}
+    if encoder_now:
         images = torch.cat([image for image, _ in calibration_batches])
         images = images[np.linspace(0, len(images) - 1, config.reconstruct_images).round().astype(int)]
-        report = reconstruct_encoder(
-            model,
-            load_pretrained_litemedsam(source if from_float else None),
-            images,
-            steps=config.reconstruct_steps,
-            batch_size=config.reconstruct_batch_size,
-            lr=config.reconstruct_lr,
-            scale_lr=config.reconstruct_scale_lr,
-            seed=config.seed,
-        )
+        steps, batch = config.reconstruct_steps, config.reconstruct_batch_size
+        report = reconstruct.reconstruct_encoder(model, float_model, images, steps=steps, batch_size=batch, **rates)
         summary["reconstruction"] = report.to_dict()
-    if config.reconstruct_decoder and spec.mask_decoder:
-        from qmedsam.model.litemedsam import load_pretrained_litemedsam
-        from qmedsam.train.reconstruct import reconstruct_decoder
-
-        decoder_report = reconstruct_decoder(
-            model,
-            load_pretrained_litemedsam(source if from_float else None),
-            list(decoder_samples),
-            steps=config.reconstruct_decoder_steps,
-            batch_size=config.reconstruct_decoder_batch_size,
-            lr=config.reconstruct_lr,
-            scale_lr=config.reconstruct_scale_lr,
-            seed=config.seed,
-        )
-        summary["decoder_reconstruction"] = decoder_report.to_dict()
+    if decoder_now:
+        steps, batch = config.reconstruct_decoder_steps, config.reconstruct_decoder_batch_size
+        samples = list(decoder_samples)
+        distilled = reconstruct.reconstruct_decoder(model, float_model, samples, steps=steps, batch_size=batch, **rates)
+        summary["decoder_reconstruction"] = distilled.to_dict()
     return model, summary
 
 

@@ -67,6 +67,27 @@ def _relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12))
 
 
+def _adam_with_scale_group(module: nn.Module, lr: float, scale_lr: float) -> tuple[torch.optim.Adam, list[float]]:
+    """Adam over `module`'s parameters (made trainable) and each group's base lr: weights, biases and norms
+    at `lr`, the learned activation scales of its quantizers (parameters inside `*quant*`) at `scale_lr`."""
+    scale_params = [p for n, p in module.named_parameters() if "quant" in n]
+    scale_ids = {id(p) for p in scale_params}
+    weight_params = [p for p in module.parameters() if id(p) not in scale_ids]
+    for p in module.parameters():
+        p.requires_grad_(True)
+    groups = [{"params": weight_params, "lr": lr}]
+    if scale_params:
+        groups.append({"params": scale_params, "lr": scale_lr})
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, [g["lr"] for g in optimizer.param_groups]
+
+
+def _set_cosine_lr(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], step: int, steps: int) -> None:
+    factor = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+
+
 def reconstruct_encoder(
     student: nn.Module,
     float_model: nn.Module,
@@ -98,23 +119,12 @@ def reconstruct_encoder(
     for (name, q_forward, q_module), (_, f_forward, _) in zip(q_units, f_units, strict=True):
         with torch.no_grad():
             y_f = _batched(f_forward, x_f, batch_size)
-        scale_params = [p for n, p in q_module.named_parameters() if "quant" in n]
-        scale_ids = {id(p) for p in scale_params}
-        weight_params = [p for p in q_module.parameters() if id(p) not in scale_ids]
-        for p in q_module.parameters():
-            p.requires_grad_(True)
-        groups = [{"params": weight_params, "lr": lr}]
-        if scale_params:
-            groups.append({"params": scale_params, "lr": scale_lr})
-        optimizer = torch.optim.Adam(groups)
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer, base_lrs = _adam_with_scale_group(q_module, lr, scale_lr)
         norm = y_f.pow(2).mean().clamp(min=1e-12)
         unit_start = time.perf_counter()
         first = math.nan
         for step in range(steps):
-            factor = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
+            _set_cosine_lr(optimizer, base_lrs, step, steps)
             pick = torch.randperm(len(x_q), generator=generator)[:batch_size]
             loss = (q_forward(x_q[pick]) - y_f[pick]).pow(2).mean() / norm
             if not torch.isfinite(loss):
@@ -170,14 +180,6 @@ class DecoderReconstructionReport:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _mask_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
-    a, b = student_logits > 0, teacher_logits > 0
-    inter = (a & b).flatten(1).sum(1).float()
-    total = (a.flatten(1).sum(1) + b.flatten(1).sum(1)).float()
-    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
-    return float(dice.mean()) if len(dice) else math.nan
-
-
 def reconstruct_decoder(
     student: nn.Module,
     float_model: nn.Module,
@@ -201,55 +203,51 @@ def reconstruct_decoder(
     """
     import torch.nn.functional as F
 
+    from qmedsam.deploy.precision import mask_agreement
+
     generator = torch.Generator().manual_seed(seed)
     student.eval()
     float_model.eval()
     start = time.perf_counter()
+    boxes = torch.cat([box.reshape(1, 4) for _, box in samples])
     with torch.no_grad():
-        boxes = torch.cat([box.reshape(1, 4) for _, box in samples])
         q_embeddings = torch.cat([student.encode(image) for image, _ in samples])
         f_embeddings = torch.cat([float_model.encode(image) for image, _ in samples])
-        targets = torch.cat(
-            [float_model.decode(f_embeddings[i : i + 1], boxes[i : i + 1])[0] for i in range(len(boxes))]
-        )
-    held = [i for i in range(len(samples)) if hold_out_every and i % hold_out_every == hold_out_every - 1]
-    trained = [i for i in range(len(samples)) if i not in set(held)]
+    # One embedding per box: the decoder takes the batch of (embedding, box) pairs in one call.
+    everything = list(range(len(samples)))
+
+    def in_chunks(model: nn.Module, embeddings: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        with torch.no_grad():
+            chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+            return torch.cat([model.decode(embeddings[c], boxes[c])[0] for c in chunks])
+
+    targets = in_chunks(float_model, f_embeddings, everything)
+    held = everything[hold_out_every - 1 :: hold_out_every] if hold_out_every else []
+    trained = sorted(set(everything) - set(held))
     if not trained:
         raise ValueError("decoder reconstruction needs at least one training sample")
 
-    def student_logits(indices: Sequence[int]) -> torch.Tensor:
-        return torch.cat([student.decode(q_embeddings[i : i + 1], boxes[i : i + 1])[0] for i in indices])
+    def soft_label_bce(logits: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(targets[indices]))
 
-    def agreement(indices: Sequence[int]) -> float:
-        with torch.no_grad():
-            return _mask_agreement(student_logits(indices), targets[list(indices)]) if indices else math.nan
+    def scores(indices: Sequence[int]) -> tuple[float, float]:
+        """(mask agreement with the float model, soft-label BCE) of the student on `indices`."""
+        if not indices:
+            return math.nan, math.nan
+        logits = in_chunks(student, q_embeddings, indices)
+        agreement = mask_agreement((logits > 0).numpy(), (targets[indices] > 0).numpy())
+        return agreement, float(soft_label_bce(logits, indices))
 
-    def soft_label_bce(indices: Sequence[int]) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(student_logits(indices), torch.sigmoid(targets[list(indices)]))
-
-    before, held_before = agreement(trained), agreement(held)
-    with torch.no_grad():
-        loss_before = float(soft_label_bce(trained))
+    (before, loss_before), (held_before, _) = scores(trained), scores(held)
     for p in student.parameters():  # the encoder and prompt encoder stay frozen (and gather no gradients)
         p.requires_grad_(False)
     decoder = student.mask_decoder
-    scale_params = [p for n, p in decoder.named_parameters() if "quant" in n]
-    scale_ids = {id(p) for p in scale_params}
-    weight_params = [p for p in decoder.parameters() if id(p) not in scale_ids]
-    for p in decoder.parameters():
-        p.requires_grad_(True)
-    groups = [{"params": weight_params, "lr": lr}]
-    if scale_params:
-        groups.append({"params": scale_params, "lr": scale_lr})
-    optimizer = torch.optim.Adam(groups)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    optimizer, base_lrs = _adam_with_scale_group(decoder, lr, scale_lr)
     order = torch.tensor(trained)
     for step in range(steps):
-        factor = 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * factor
+        _set_cosine_lr(optimizer, base_lrs, step, steps)
         pick = order[torch.randperm(len(order), generator=generator)[:batch_size]].tolist()
-        loss = soft_label_bce(pick)
+        loss = soft_label_bce(student.decode(q_embeddings[pick], boxes[pick])[0], pick)
         if not torch.isfinite(loss):
             raise RuntimeError(f"decoder reconstruction: non-finite loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -259,17 +257,16 @@ def reconstruct_decoder(
             log.info("decoder reconstruction step %d/%d: soft-label BCE %.5f", step + 1, steps, float(loss.detach()))
     for p in decoder.parameters():
         p.requires_grad_(False)
-    with torch.no_grad():
-        loss_after = float(soft_label_bce(trained))
+    (after, loss_after), (held_after, _) = scores(trained), scores(held)
     report = DecoderReconstructionReport(
         samples=len(trained),
         held_out=len(held),
         steps=steps,
         seconds=time.perf_counter() - start,
         agreement_before=before,
-        agreement_after=agreement(trained),
+        agreement_after=after,
         held_out_before=held_before,
-        held_out_after=agreement(held),
+        held_out_after=held_after,
         loss_before=loss_before,
         loss_after=loss_after,
     )
