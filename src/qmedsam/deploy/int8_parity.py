@@ -16,7 +16,8 @@ Inside one encoder block the flips cannot build up (float64 vs float32: 1 - cos 
    `1 - cos <= max_unit_error`. A lost or extra quantizer, a wrong scale, zero
    point or clipping range in any block shows up here.
 2. `decoder`: the IR decoder on PyTorch's embedding vs the PyTorch decoder (teacher forced at the one
-   tensor between the two parts): mask agreement >= `min_decoder_dice`.
+   tensor between the two parts): mask agreement >= `min_decoder_dice`, or `decoder_slack` under the
+   reference decoder's own float64 agreement where that is lower (see `ParityThresholds`).
 3. `end_to_end`: both whole pipelines, recorded next to `reference_floor`, the reference's agreement with
    its own float64 twin; the IR must not fall more than `end_to_end_slack` below that floor.
 """
@@ -48,7 +49,19 @@ class ParityThresholds:
     depthwise conv's input quantizer missing 7.8e-5, the v quantizer missing 8.1e-5, an input scale 1.25x
     off 1.1e-4, a softmax quantizer missing 2.1e-4 (the per-tensor spec: larger in both cases)."""
     min_decoder_dice: float = 0.99
-    """Mean per-box mask Dice of the IR decoder vs PyTorch on PyTorch's embedding (measured 0.997-0.998)."""
+    """Mean per-box mask Dice of the IR decoder vs PyTorch on PyTorch's embedding (measured 0.986-0.998), required
+    unless the reference itself is less steady: the bar is lowered to `decoder_slack` under the reference
+    decoder's agreement with its own float64 twin on the same embedding. Why: a few decoder quantizers act on
+    the 7 prompt tokens, where one LSB flip moves a whole mask's logits (~0.2), so the decoder's agreement with
+    ANY other implementation depends on the calibrated model: measured float64 twin 0.984 and 0.990 for two
+    calibrations of the same spec, the IR 0.986 and 0.997 (better than the twin both times)."""
+    decoder_slack: float = 0.01
+    """How far below the reference decoder's float64 agreement the IR decoder may land. Measured on the first
+    of those models with one decoder quantizer removed: layer 0 token->image k 0.952, q 0.972, v 0.974
+    (caught); late quantizers (final attention, hyper-network) 0.997 are below any mask-level check's
+    resolution, as they were below the fixed 0.99."""
+    min_decoder_dice_floor: float = 0.95
+    """Absolute floor for the decoder's agreement, however unsteady the reference."""
     end_to_end_slack: float = 0.03
     """How far below the reference's own float64/float32 agreement the whole IR may land."""
     min_end_to_end_dice: float = 0.85
@@ -198,9 +211,10 @@ def int8_parity(
     units_result = unit_parity(Path(model_dir) / "encoder.xml", model, units, samples)
     end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
     decoder = end_to_end.pop("decoder_teacher_forced")
-    # The same model in float64: how far the reference is from itself.
+    # The same model in float64: how far the reference is from itself, end to end and decoder alone.
     twin = TorchEngine(copy.deepcopy(model).double(), name="torch-float64", dtype=np.float64)
-    floor = compare_engines(reference, twin, list(samples))
+    floor = compare_engines(reference, twin, list(samples), teacher_forced_decoder=True)
+    decoder_floor = floor["decoder_teacher_forced"]["mask_dice_mean"]
     worst_unit = max(units_result, key=lambda name: units_result[name]["one_minus_cos"]) if units_result else None
     record = {
         "reference": reference.name,
@@ -211,7 +225,8 @@ def int8_parity(
         "end_to_end": end_to_end,
         "reference_floor": {
             "mask_dice_mean": floor["mask_dice_mean"],
-            "what": "PyTorch fake-quant float32 vs the same model in float64",
+            "decoder_mask_dice_mean": decoder_floor,
+            "what": "PyTorch fake-quant float32 vs the same model in float64 (decoder: on the same embedding)",
         },
     }
     failures = []
@@ -222,10 +237,14 @@ def int8_parity(
             f"encoder block {worst_unit}: 1 - cos {units_result[worst_unit]['one_minus_cos']:.2e} "
             f"> {thresholds.max_unit_error:.0e}"
         )
-    if decoder["mask_dice_mean"] < thresholds.min_decoder_dice:
+    decoder_needed = max(
+        thresholds.min_decoder_dice_floor, min(thresholds.min_decoder_dice, decoder_floor - thresholds.decoder_slack)
+    )
+    record["decoder_teacher_forced"]["required"] = decoder_needed
+    if decoder["mask_dice_mean"] < decoder_needed:
         failures.append(
-            f"decoder on the reference embedding: mask Dice {decoder['mask_dice_mean']:.4f} "
-            f"< {thresholds.min_decoder_dice}"
+            f"decoder on the reference embedding: mask Dice {decoder['mask_dice_mean']:.4f} < {decoder_needed:.4f} "
+            f"(the reference decoder agrees with its own float64 twin at {decoder_floor:.4f})"
         )
     needed = max(thresholds.min_end_to_end_dice, floor["mask_dice_mean"] - thresholds.end_to_end_slack)
     record["end_to_end"]["required"] = needed
