@@ -89,6 +89,39 @@ def test_multimask_and_batched_decode_agree(pretrained_model):
     assert float((batched - single).abs().max()) < 1e-4
 
 
+def test_box_independent_decoder_work_runs_once_per_image(pretrained_model):
+    """The first two-way layer projects the image tokens once per image, not once per box (the decoder's
+    per-box cost), and a batch of per-box embeddings (training) still decodes each box on its own image."""
+    layer = pretrained_model.mask_decoder.transformer.layers[0]
+    projections = {
+        "token_to_image.k": layer.cross_attn_token_to_image.k_proj,
+        "token_to_image.v": layer.cross_attn_token_to_image.v_proj,
+        "image_to_token.q": layer.cross_attn_image_to_token.q_proj,
+        "image_to_token.out": layer.cross_attn_image_to_token.out_proj,
+    }
+    batch_sizes: dict[str, int] = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, args, _out, name=name: batch_sizes.__setitem__(name, args[0].shape[0]))
+        for name, module in projections.items()
+    ]
+    generator = torch.Generator().manual_seed(1)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    boxes = torch.tensor([[20.0, 30.0, 120.0, 140.0], [60.0, 60.0, 200.0, 230.0], [0.0, 0.0, 255.0, 255.0]])
+    try:
+        with torch.inference_mode():
+            shared, _ = pretrained_model.decode(embedding, boxes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert batch_sizes == {"token_to_image.k": 1, "token_to_image.v": 1, "image_to_token.q": 1, "image_to_token.out": 3}
+    with torch.inference_mode():
+        per_box_images = torch.cat([embedding, torch.randn(2, 256, 64, 64, generator=generator)])
+        own, _ = pretrained_model.decode(per_box_images, boxes)
+        alone = torch.cat([pretrained_model.decode(per_box_images[i : i + 1], boxes[i : i + 1])[0] for i in range(3)])
+    assert float((own - alone).abs().max()) < 1e-4
+    assert float((own[0] - shared[0]).abs().max()) < 1e-4
+
+
 def test_untrained_build_and_bad_checkpoint_errors(tmp_path):
     assert build_litemedsam().image_encoder.neck[0].out_channels == 256
     bad = tmp_path / "bad.pth"

@@ -81,9 +81,11 @@ class PromptEncoder(nn.Module):
         return corners + offsets.unsqueeze(0)
 
     def forward(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparse (B, 2, C), dense (1, C, h, w)): without mask prompts the dense embedding is the same for
+        every box, so it has batch 1 and broadcasts (the decoder relies on this to share work between boxes)."""
         sparse = self.embed_boxes(boxes)
         height, width = self.image_embedding_size
-        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(sparse.shape[0], -1, height, width)
+        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
         return sparse, dense
 
 
@@ -252,12 +254,13 @@ class MaskDecoder(nn.Module):
         n_prompts = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings], dim=1)
-        # One embedding serves every prompt: expand (a view), never copy it per box.
-        src = image_embeddings.expand(n_prompts, -1, -1, -1) if image_embeddings.shape[0] == 1 else image_embeddings
-        src = src + dense_prompt_embeddings
-        pos_src = image_pe.expand(n_prompts, -1, -1, -1)
-        batch, channels, height, width = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        # One embedding serves every prompt: it stays batch 1 and broadcasts against the prompts' batch, so
+        # the first layer's box-independent work (the image tokens' k/v projections for token->image and q
+        # projection for image->token, three 4096x256 linears) runs once per image instead of once per box.
+        src = image_embeddings + dense_prompt_embeddings
+        _, channels, height, width = src.shape
+        hs, src = self.transformer(src, image_pe, tokens)
+        batch = hs.shape[0]
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         src = src.transpose(1, 2).reshape(batch, channels, height, width)
