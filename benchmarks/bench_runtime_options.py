@@ -21,19 +21,14 @@ import openvino as ov
 
 from qmedsam.deploy.bench import machine_line, median_ms
 from qmedsam.deploy.export import resolve_model_dir
+from qmedsam.deploy.runtime import compile_config
 
 THREADS = 2
 
 
-def latency_config(cache: str | None = None) -> dict[str, object]:
-    config: dict[str, object] = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": THREADS,
-    }
-    if cache:
-        config["CACHE_DIR"] = cache
-    return config
+def latency_config(cache: str) -> dict[str, object]:
+    """The settings `qmedsam predict` compiles with (f32 hint, LATENCY, model cache), at THREADS threads."""
+    return compile_config("f32", Path(cache), THREADS)
 
 
 def decoder_feed(boxes: int) -> dict[str, np.ndarray]:
@@ -51,11 +46,11 @@ def static_decoder(core: ov.Core, model_dir: Path, boxes: int, config: dict) -> 
     return core.compile_model(model, "CPU", config)
 
 
-def fixed_shapes(core: ov.Core, model_dir: Path, repeats: int) -> None:
-    dynamic = core.compile_model(str(model_dir / "decoder.xml"), "CPU", latency_config()).create_infer_request()
+def fixed_shapes(core: ov.Core, model_dir: Path, repeats: int, scratch: str) -> None:
+    dynamic = core.compile_model(str(model_dir / "decoder.xml"), "CPU", latency_config(scratch)).create_infer_request()
     print("decoder, dynamic box count vs static (median ms, paired in one run):")
     for boxes in (1, 4, 16):
-        fixed = static_decoder(core, model_dir, boxes, latency_config()).create_infer_request()
+        fixed = static_decoder(core, model_dir, boxes, latency_config(scratch)).create_infer_request()
         feed = decoder_feed(boxes)
         dyn_ms = median_ms(lambda: dynamic.infer(feed), repeats)  # noqa: B023 (called in this iteration)
         fix_ms = median_ms(lambda: fixed.infer(feed), repeats)  # noqa: B023
@@ -69,14 +64,12 @@ def fixed_shapes(core: ov.Core, model_dir: Path, repeats: int) -> None:
             print(f"  compiling one more static shape, {state} cache: {time.perf_counter() - started:.2f} s")
 
 
-def encoder_streams(core: ov.Core, model_dir: Path, repeats: int) -> None:
+def encoder_streams(core: ov.Core, model_dir: Path, repeats: int, scratch: str) -> None:
     images = [np.random.default_rng(i).random((1, 3, 256, 256), dtype=np.float32) for i in range(2)]
-    latency = core.compile_model(str(model_dir / "encoder.xml"), "CPU", latency_config()).create_infer_request()
-    streams = core.compile_model(
-        str(model_dir / "encoder.xml"),
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 2, "INFERENCE_NUM_THREADS": THREADS},
-    )
+    latency = core.compile_model(str(model_dir / "encoder.xml"), "CPU", latency_config(scratch)).create_infer_request()
+    two_streams = {**latency_config(scratch), "NUM_STREAMS": 2}
+    del two_streams["PERFORMANCE_HINT"]  # explicit streams instead of the LATENCY hint's one
+    streams = core.compile_model(str(model_dir / "encoder.xml"), "CPU", two_streams)
     queue = ov.AsyncInferQueue(streams, 2)
 
     def sequential() -> None:
@@ -104,8 +97,9 @@ def main() -> None:
     print(machine_line())
     print(f"model {model_dir}, OpenVINO {ov.__version__}, f32 hint, {THREADS} threads")
     core = ov.Core()
-    fixed_shapes(core, model_dir, args.repeats)
-    encoder_streams(core, model_dir, args.repeats)
+    with tempfile.TemporaryDirectory() as scratch:
+        fixed_shapes(core, model_dir, args.repeats, scratch)
+        encoder_streams(core, model_dir, args.repeats, scratch)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,12 @@ def unit_parity(encoder_xml: Path, model, units: Sequence[dict[str, str]], sampl
 # --- decoder and whole pipeline -------------------------------------------------------------------------
 
 
+def _required(twin_agreement: float, slack: float, absolute_floor: float, cap: float = 1.0) -> float:
+    """The agreement an IR must reach: `slack` under the reference's agreement with its own float64 twin,
+    at most `cap`, never under `absolute_floor` (the IR is held to what the reference itself can meet)."""
+    return max(absolute_floor, min(cap, twin_agreement - slack))
+
+
 def int8_parity(
     model_dir: Path,
     model,
@@ -237,8 +243,8 @@ def int8_parity(
             f"encoder block {worst_unit}: 1 - cos {units_result[worst_unit]['one_minus_cos']:.2e} "
             f"> {thresholds.max_unit_error:.0e}"
         )
-    decoder_needed = max(
-        thresholds.min_decoder_dice_floor, min(thresholds.min_decoder_dice, decoder_floor - thresholds.decoder_slack)
+    decoder_needed = _required(
+        decoder_floor, thresholds.decoder_slack, thresholds.min_decoder_dice_floor, cap=thresholds.min_decoder_dice
     )
     record["decoder_teacher_forced"]["required"] = decoder_needed
     if decoder["mask_dice_mean"] < decoder_needed:
@@ -246,7 +252,7 @@ def int8_parity(
             f"decoder on the reference embedding: mask Dice {decoder['mask_dice_mean']:.4f} < {decoder_needed:.4f} "
             f"(the reference decoder agrees with its own float64 twin at {decoder_floor:.4f})"
         )
-    needed = max(thresholds.min_end_to_end_dice, floor["mask_dice_mean"] - thresholds.end_to_end_slack)
+    needed = _required(floor["mask_dice_mean"], thresholds.end_to_end_slack, thresholds.min_end_to_end_dice)
     record["end_to_end"]["required"] = needed
     if end_to_end["mask_dice_mean"] < needed:
         failures.append(
