@@ -12,6 +12,9 @@ namespace qmedsam {
 
 namespace {
 
+constexpr int64_t kMaxImageAxis = 65535;           // qmedsam.data.cases.MAX_IMAGE_AXIS: OpenCV indexes with int
+constexpr int64_t kMaxBoxCoordinate = 2147483647;  // qmedsam.data.cases.MAX_BOX_COORDINATE
+
 std::string file_name(const std::string& path) { return std::filesystem::path(path).filename().string(); }
 
 std::string join_ints(const std::vector<int64_t>& values) {
@@ -71,6 +74,10 @@ Array validate_image(const std::string& path, Array image, int dimension, std::v
   if (*std::min_element(image.shape.begin(), image.shape.end()) == 0) {
     throw CaseError(path + ": key 'imgs' is empty (shape " + image.shape_text() + ")");
   }
+  if (*std::max_element(image.shape.begin(), image.shape.end()) > kMaxImageAxis) {
+    throw CaseError(path + ": key 'imgs' has shape " + image.shape_text() + "; expected at most " +
+                    std::to_string(kMaxImageAxis) + " along each axis");
+  }
   if (image.kind == 'f') {
     for (int64_t i = 0; i < image.size(); ++i) {
       if (!std::isfinite(image.at(i))) throw CaseError(path + ": key 'imgs' contains NaN or infinite values");
@@ -103,6 +110,14 @@ std::vector<std::array<int64_t, 6>> validate_boxes(const std::string& path, Arra
   if (!bad_rows.empty()) {
     throw CaseError(path + ": key 'boxes' has NaN or infinite values in rows " +
                     join_ints(std::vector<int64_t>(bad_rows.begin(), bad_rows.end())));
+  }
+  std::set<int64_t> beyond_rows;
+  for (int64_t i = 0; i < boxes.size(); ++i) {
+    if (std::fabs(boxes.at(i)) > static_cast<double>(kMaxBoxCoordinate)) beyond_rows.insert(i / width);
+  }
+  if (!beyond_rows.empty()) {
+    throw CaseError(path + ": key 'boxes' has values beyond +-" + std::to_string(kMaxBoxCoordinate) + " in rows " +
+                    join_ints(std::vector<int64_t>(beyond_rows.begin(), beyond_rows.end())) + "; expected pixel coordinates");
   }
   const int half = width / 2;
   // Box columns are x, y(, z); array axes are (y, x) or (z, y, x).
@@ -168,12 +183,18 @@ std::string modality_of(const std::string& name) {
 
 Case read_case(const std::string& path) {
   std::map<std::string, Array> data;
-  if (!std::filesystem::exists(path)) throw CaseError(path + ": file not found");
+  std::error_code ignored;
+  if (!std::filesystem::exists(path, ignored)) throw CaseError(path + ": file not found");
+  if (!std::filesystem::is_regular_file(path, ignored)) throw CaseError(path + ": not a regular file");
   try {
-    data = read_npz(path);
+    data = read_npz(path, max_case_bytes());
   } catch (const NpzError& error) {
-    throw CaseError(path + ": not a readable .npz without pickled objects (" + error.what() + ")");
+    throw CaseError(path + ": not a readable .npz (" + error.what() + ")");
   }
+  return case_from_arrays(path, data);
+}
+
+Case case_from_arrays(const std::string& path, const std::map<std::string, Array>& data) {
   for (const char* key : {"imgs", "boxes"}) {
     if (!data.count(key)) {
       std::string found;

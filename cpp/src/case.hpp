@@ -3,6 +3,7 @@
 #pragma once
 
 #include <array>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -28,6 +29,9 @@ struct Case {
 };
 
 Case read_case(const std::string& path);
+
+// The checks after the container: keys, dimension, image and boxes (what read_case does once the npz is read).
+Case case_from_arrays(const std::string& path, const std::map<std::string, Array>& data);
 
 std::string modality_of(const std::string& file_name);
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
+
+from qmedsam.data.npz import NpzError, read_npz
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -30,6 +31,10 @@ def _publish(tmp_name: str, path: Path) -> None:
     """Give the temporary file normal permissions and rename it into place."""
     normal_permissions(tmp_name)
     os.replace(tmp_name, path)
+
+
+MAX_IMAGE_AXIS = 65_535  # voxels along any image axis (OpenCV and the C++ predictor index with int)
+MAX_BOX_COORDINATE = 2**31 - 1  # a box value past this is no pixel coordinate (and would wrap in int64 casts)
 
 
 class CaseError(ValueError):
@@ -76,15 +81,18 @@ def segmentation_dtype(n_objects: int) -> np.dtype:
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Load every array of an npz without pickles; unreadable files become CaseError."""
+    """Every array of an npz under the npz contract (`qmedsam.data.npz`); a broken file becomes CaseError."""
     path = Path(path)
+    if not path.exists():
+        raise CaseError(f"{path}: file not found")
+    if not path.is_file():
+        raise CaseError(f"{path}: not a regular file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except FileNotFoundError:
-        raise CaseError(f"{path}: file not found") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise CaseError(f"{path}: not a readable .npz without pickled objects ({exc})") from None
+        return read_npz(path)
+    except NpzError as exc:
+        raise CaseError(f"{path}: not a readable .npz ({exc})") from None
+    except OSError as exc:
+        raise CaseError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _dimension_from_name(path: Path) -> int | None:
@@ -112,6 +120,10 @@ def _validate_image(path: Path, image: np.ndarray, dimension: int, warnings: lis
         raise CaseError(f"{path}: key 'imgs' has shape {image.shape}; expected (D, H, W) for a 3D case")
     if min(image.shape) == 0:
         raise CaseError(f"{path}: key 'imgs' is empty (shape {image.shape})")
+    if max(image.shape) > MAX_IMAGE_AXIS:
+        raise CaseError(
+            f"{path}: key 'imgs' has shape {image.shape}; expected at most {MAX_IMAGE_AXIS} along each axis"
+        )
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
         raise CaseError(f"{path}: key 'imgs' contains NaN or infinite values")
     if image.dtype == np.bool_:
@@ -133,6 +145,12 @@ def _validate_boxes(path: Path, boxes: np.ndarray, dimension: int, shape: tuple[
     if not np.all(np.isfinite(boxes)):
         rows = sorted(set(np.where(~np.isfinite(boxes))[0].tolist()))
         raise CaseError(f"{path}: key 'boxes' has NaN or infinite values in rows {rows}")
+    beyond = np.abs(boxes.astype(np.float64)) > MAX_BOX_COORDINATE
+    if np.any(beyond):
+        rows = sorted(set(np.where(beyond)[0].tolist()))
+        raise CaseError(
+            f"{path}: key 'boxes' has values beyond +-{MAX_BOX_COORDINATE} in rows {rows}; expected pixel coordinates"
+        )
     boxes = np.rint(boxes).astype(np.int64)
     half = width // 2
     lo, hi = boxes[:, :half], boxes[:, half:]

@@ -90,6 +90,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from qmedsam.data.cases import atomic_write, atomic_write_bytes
+from qmedsam.data.npz import NpzError, read_npz
 from qmedsam.data.preprocess import MODEL_SIZE, Geometry, geometry_for, mask_box, preprocess_image, resize_mask
 from qmedsam.deploy.runtime import default_cache_root
 
@@ -277,15 +278,12 @@ def read_manifest(root: Path) -> dict[str, dict] | None:
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.files)
-            if "imgs" not in keys:
-                raise _Skip(f"no 'imgs' array (keys: {sorted(keys)})")
-            return npz["imgs"], (npz["gts"] if "gts" in keys else None)
-    except _Skip:
-        raise
-    except Exception as exc:  # any damage (zip, zlib, header, pickle, I/O) skips the file, never the epoch
-        raise _Skip(f"unreadable .npz ({type(exc).__name__}: {exc})") from None
+        arrays = read_npz(path, keys=("imgs", "gts"))
+    except (NpzError, OSError) as exc:  # any damage (zip, CRC, header, dtype, I/O) skips the file, never the epoch
+        raise _Skip(f"unreadable .npz ({exc})") from None
+    if "imgs" not in arrays:
+        raise _Skip("no 'imgs' array")
+    return arrays["imgs"], arrays.get("gts")
 
 
 def _dimension(name: str, imgs: np.ndarray) -> int:

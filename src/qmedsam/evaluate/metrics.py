@@ -263,14 +263,14 @@ def dimension_of(name: str, ndim: int) -> int:
 
 
 def _read_spacing(path: Path) -> np.ndarray | None:
-    """Only the `spacing` member of the npz (np.load is lazy), so big images are not read for it."""
+    """Only the `spacing` member of the npz (under the npz contract), so big images are not read for it."""
     from qmedsam.data.cases import CaseError
+    from qmedsam.data.npz import NpzError, read_npz
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return np.asarray(npz["spacing"]) if "spacing" in npz.files else None
-    except Exception as exc:
-        raise CaseError(f"{path}: cannot read key 'spacing' ({type(exc).__name__}: {exc})") from None
+        return read_npz(path, keys=("spacing",)).get("spacing")
+    except (NpzError, OSError) as exc:
+        raise CaseError(f"{path}: cannot read key 'spacing' ({exc})") from None
 
 
 def check_spacing_order(spacing: Sequence[float], shape: Sequence[int]) -> str | None:
