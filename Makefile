@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint bench int8-model napari-screenshot cpp cpp-install docker docker-cpp docker-wheels
+.PHONY: setup test test-slow lint int8-model napari-screenshot cpp cpp-install cpp-asan cpp-fuzz cpp-fuzz-build \
+	docker docker-cpp docker-wheels
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,41 @@ cpp:
 	cmake -S cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX=$(PREFIX) \
 		-DOpenVINO_DIR=$$($(BIN)/python -c "import openvino, os; print(os.path.dirname(openvino.__file__) + '/cmake')")
 	cmake --build build/cpp -j2
+
+# The C++ predictor under AddressSanitizer + UndefinedBehaviorSanitizer (build/cpp-asan), and the C++ tests
+# (tests/test_cpp_predictor.py, tests/test_hostile_files.py) run against it: any sanitizer report fails them.
+ASAN_ENV := ASAN_OPTIONS=abort_on_error=1:detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+cpp-asan: cpp
+	cmake -S cpp -B build/cpp-asan -DCMAKE_BUILD_TYPE=Debug -DQMEDSAM_SANITIZE=ON \
+		-DOpenVINO_DIR=$$($(BIN)/python -c "import openvino, os; print(os.path.dirname(openvino.__file__) + '/cmake')")
+	cmake --build build/cpp-asan -j2
+	$(ASAN_ENV) QMEDSAM_CPP_BINARY=$(CURDIR)/build/cpp-asan/qmedsam-cpp $(BIN)/pytest -q -p no:randomly \
+		tests/test_cpp_predictor.py tests/test_hostile_files.py -k "cpp or both"
+
+# libFuzzer targets for the C++ case reader (cpp/fuzz): clang from Debian (installed when missing), ASan + UBSan.
+# Fuzz builds skip the zip CRC-32 verdict so that mutated members reach the parser.
+# `make cpp-fuzz SECONDS=N` runs each target N seconds from the seeds in the repo (cpp/fuzz/seeds, the hostile
+# corpus tests/data/hostile); a crash is saved as build/fuzz/crash-* and fails the run: add it to the corpus.
+FUZZ_PACKAGES := clang libclang-rt-14-dev libzip-dev zlib1g-dev
+FUZZ_TARGETS := fuzz_npz fuzz_npy
+SECONDS ?= 60
+FUZZ_FLAGS := -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	-DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION
+cpp-fuzz-build:
+	dpkg -s $(FUZZ_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends $(FUZZ_PACKAGES); }
+	mkdir -p build/fuzz
+	for target in $(FUZZ_TARGETS); do \
+		clang++ $(FUZZ_FLAGS) cpp/fuzz/$$target.cpp cpp/src/npz.cpp cpp/src/case.cpp \
+			$$(pkg-config --cflags --libs libzip zlib) -o build/fuzz/$$target || exit 1; \
+	done
+
+cpp-fuzz: cpp-fuzz-build
+	mkdir -p build/fuzz/corpus-npz build/fuzz/corpus-npy
+	ASAN_OPTIONS=detect_leaks=1 build/fuzz/fuzz_npz -max_total_time=$(SECONDS) -rss_limit_mb=2048 -timeout=10 \
+		-artifact_prefix=build/fuzz/ -print_final_stats=1 build/fuzz/corpus-npz cpp/fuzz/seeds/npz tests/data/hostile
+	ASAN_OPTIONS=detect_leaks=1 build/fuzz/fuzz_npy -max_total_time=$(SECONDS) -rss_limit_mb=2048 -timeout=10 \
+		-artifact_prefix=build/fuzz/ -print_final_stats=1 build/fuzz/corpus-npy cpp/fuzz/seeds/npy
 
 cpp-install: cpp
 	cmake --install build/cpp --prefix $(PREFIX)

@@ -71,9 +71,15 @@ def ov_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cpp_binary() -> Path:
-    """build/cpp/qmedsam-cpp (the C++ predictor), built with `make cpp` if `make setup` has not built it yet."""
+    """build/cpp/qmedsam-cpp (the C++ predictor), built with `make cpp` if `make setup` has not built it yet;
+    `QMEDSAM_CPP_BINARY` names another build (`make cpp-asan` runs the C++ tests on the sanitizer build)."""
+    import os
     import subprocess
 
+    if os.environ.get("QMEDSAM_CPP_BINARY"):
+        binary = Path(os.environ["QMEDSAM_CPP_BINARY"])
+        assert binary.is_file(), f"QMEDSAM_CPP_BINARY={binary}: no such file"
+        return binary
     binary = ROOT / "build" / "cpp" / "qmedsam-cpp"
     if not binary.is_file():
         subprocess.run(["make", "-C", str(ROOT), "cpp"], check=True)

@@ -146,6 +146,15 @@ std::string seconds_text(double seconds) {  // Python's repr(round(x, 4))
   return text;
 }
 
+// timing.csv with every row so far, replaced atomically (readers never see half a row).
+void write_timing(const std::string& path, const std::string& text) {
+  write_atomically(path, [&](const std::string& temporary) {
+    std::ofstream stream(temporary, std::ios::binary);
+    stream << text;
+    if (!stream.flush()) throw std::runtime_error(path + ": cannot write");
+  });
+}
+
 Array label_array(const std::vector<uint32_t>& segs, const Case& c) {
   Array out;
   const size_t n = c.boxes.size();
@@ -173,6 +182,7 @@ int main(int argc, char** argv) {
   }
   const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   fs::create_directories(options.output);
+  const std::string timing_path = (fs::path(options.output) / "timing.csv").string();
   std::ostringstream timing;
   timing << "case,dimension,modality,objects,seconds,status,message\r\n";
   int failures = 0;
@@ -200,13 +210,8 @@ int main(int argc, char** argv) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     timing << csv_field(name) << "," << dimension << "," << csv_field(modality_of(name)) << "," << objects << ","
            << seconds_text(seconds) << "," << status << "," << csv_field(message) << "\r\n";
+    write_timing(timing_path, timing.str());  // as each case ends: a kill loses only the case in flight
   }
-  const std::string timing_path = (fs::path(options.output) / "timing.csv").string();
-  write_atomically(timing_path, [&](const std::string& temporary) {
-    std::ofstream stream(temporary, std::ios::binary);
-    stream << timing.str();
-    if (!stream.flush()) throw std::runtime_error(timing_path + ": cannot write");
-  });
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   std::fprintf(stderr, "%zu/%zu cases segmented with qmedsam-cpp (openvino %s) in %.1f s (engine load %.1f s); timing: %s\n",
                cases.size() - failures, cases.size(), options.precision.c_str(), total, load_seconds,

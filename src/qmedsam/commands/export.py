@@ -23,7 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export to OpenVINO IR (encoder.xml/.bin, decoder.xml/.bin, meta.json) and check parity "
         "against PyTorch at export (recorded in meta.json; the export fails if masks disagree).",
     )
-    parser.add_argument("--out", required=True, type=Path, help="model directory to create")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="model directory to create; an existing one is replaced only if it is a qmedsam model folder "
+        "(its meta.json says so) or empty",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out even if it is not a qmedsam model folder (deletes it)"
+    )
     parser.add_argument("--precision", choices=["fp32"], default="fp32", help="IR precision (default fp32)")
     parser.add_argument(
         "--checkpoint",
@@ -164,6 +173,9 @@ def _int8_parity_samples(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.calib is not None and not args.calib.is_dir():
         raise UserFacingError(f"--calib {args.calib}: not a folder")
+    from qmedsam.deploy.export import check_replaceable
+
+    check_replaceable(args.out, args.force)  # before minutes of work, and again before the swap
     if args.quant is not None:
         meta = run_brevitas(args)
     elif args.ptq:
@@ -175,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_pretrained_litemedsam(args.checkpoint)
         samples = parity_samples_from(args.parity_cases) if args.parity_cases else None
         dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
-        meta = export_float(model, args.out, _source(args), samples, **dice)
+        meta = export_float(model, args.out, _source(args), samples, **dice, force=args.force)
     report = {key: meta[key] for key in ("int8_coverage", "parity_vs_torch") if key in meta}
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
@@ -221,7 +233,7 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     if args.min_decoder_dice is not None:
         thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
     source = {**_source(args), "quant_spec": portable_path(args.quant)}
-    return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds)
+    return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds, force=args.force)
 
 
 def run_ptq(args: argparse.Namespace) -> dict:
@@ -236,4 +248,4 @@ def run_ptq(args: argparse.Namespace) -> dict:
     slices = real_slices(args.calib, limit=args.calib_slices)
     samples, samples_from = _int8_parity_samples(args)
     dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
-    return export_ptq(model, args.out, _source(args), slices, samples, samples_from, **dice)
+    return export_ptq(model, args.out, _source(args), slices, samples, samples_from, **dice, force=args.force)

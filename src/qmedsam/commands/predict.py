@@ -117,6 +117,17 @@ def build_engine(args: argparse.Namespace):
 TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status", "message"]
 
 
+def write_timing(path: Path, rows: list[dict[str, object]]) -> None:
+    """timing.csv with every row so far, replaced atomically (readers never see half a row)."""
+    from qmedsam.data.cases import atomic_write_bytes
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TIMING_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
 def run(args: argparse.Namespace) -> int:
     from qmedsam.scans.dicom import is_dicom_folder
     from qmedsam.scans.nifti import is_nifti
@@ -133,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 def run_cases(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from qmedsam.data.cases import CaseError, atomic_write_bytes, modality_of, read_case, write_segmentation
+    from qmedsam.data.cases import CaseError, modality_of, read_case, write_segmentation
     from qmedsam.deploy.overlays import write_overlay
     from qmedsam.deploy.segment import segment_case
 
@@ -174,11 +185,7 @@ def run_cases(args: argparse.Namespace) -> int:
             tqdm.write(f"error: {path}: unexpected failure: {type(exc).__name__}: {exc}", file=sys.stderr)
             log.debug("traceback", exc_info=True)
         rows.append(row)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=TIMING_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(args.output / "timing.csv", buffer.getvalue().encode())
+        write_timing(args.output / "timing.csv", rows)  # as each case ends: a kill loses only the case in flight
     done = len(cases) - failures
     total = time.perf_counter() - started
     print(

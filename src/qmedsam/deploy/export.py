@@ -145,7 +145,7 @@ def base_meta(precision: str, source: dict) -> dict:
     import torch
 
     return {
-        "format": "qmedsam-openvino",
+        "format": MODEL_FORMAT,
         "image_size": 256,
         "embedding_shape": [1, 256, 64, 64],
         "precision": precision,
@@ -168,12 +168,14 @@ def export_float(
     source: dict,
     parity_samples: list[ParitySample] | None = None,
     min_mask_dice: float = 0.995,
+    *,
+    force: bool = False,
 ) -> dict:
     """Export a float model to an fp32 IR directory, measure parity against PyTorch, write meta.json
     (written into a staging folder that replaces `out_dir` only once every check passed)."""
     from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 
-    with staged_directory(out_dir) as staging:
+    with staged_directory(out_dir, force) as staging:
         convert_float(model, staging)
         meta = base_meta("fp32", source)
         write_meta(staging, meta)
@@ -190,13 +192,63 @@ def export_float(
     return meta
 
 
+MODEL_FORMAT = "qmedsam-openvino"
+MODEL_FILES = frozenset({"encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin", "meta.json"})
+
+
+def is_model_dir(path: Path) -> bool:
+    """A folder `qmedsam export` made: its meta.json is a JSON object with format 'qmedsam-openvino'."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT
+
+
+def check_replaceable(out_dir: Path, force: bool = False) -> None:
+    """Refuse an existing `out_dir` that export did not make, so `--out .` never deletes a user's files.
+
+    Replaceable: nothing there, an empty folder, or a model folder (meta.json with format 'qmedsam-openvino')
+    holding only the files an export writes. Anything else needs `force` (the `--force` flag).
+    """
+    from qmedsam.errors import UserFacingError
+
+    if force or not os.path.lexists(out_dir):
+        return
+    hint = "choose another --out, or pass --force to replace it and everything in it"
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise UserFacingError(f"{out_dir} exists and is not a folder; {hint}")
+    names = sorted(entry.name for entry in out_dir.iterdir())
+    if not names:
+        return
+    if not is_model_dir(out_dir):
+        raise UserFacingError(
+            f"{out_dir} is not a qmedsam model folder ({out_dir / 'meta.json'} with format '{MODEL_FORMAT}' is what "
+            f"marks one) and holds {len(names)} entries; {hint}"
+        )
+    foreign = [name for name in names if name not in MODEL_FILES]
+    if foreign:
+        raise UserFacingError(
+            f"{out_dir} is a qmedsam model folder but also holds {foreign[:5]}, which export did not write; {hint}"
+        )
+
+
+def _remove_replaced(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
-def staged_directory(out_dir: str | Path) -> Iterator[Path]:
+def staged_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir`; it replaces `out_dir` only if the block succeeds.
 
-    A crash or a failed check never leaves a half-written model directory that later runs would trust.
+    A crash or a failed check never leaves a half-written model directory that later runs would trust, and an
+    existing `out_dir` is replaced only if `check_replaceable` allows it (checked before and after the work).
     """
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from qmedsam.data.cases import normal_permissions
 
@@ -204,9 +256,15 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     normal_permissions(staging, directory=True)  # mkdtemp makes it 0700: a model must be readable by others
     try:
         yield staging
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        check_replaceable(out_dir, force)
+        replaced = None
+        if os.path.lexists(out_dir):  # moved aside first, so a failed rename leaves the old folder in place
+            replaced = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced.", dir=out_dir.parent)) / "old"
+            out_dir.rename(replaced)
         staging.rename(out_dir)
+        if replaced is not None:
+            _remove_replaced(replaced)
+            replaced.parent.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -294,5 +352,5 @@ def ensure_fp32_model() -> Path:
     from qmedsam.model.litemedsam import load_pretrained_litemedsam
 
     log.info("building the default OpenVINO model from the pretrained weights into %s (once)", model_dir)
-    export_float(load_pretrained_litemedsam(), model_dir, pretrained_source())
+    export_float(load_pretrained_litemedsam(), model_dir, pretrained_source(), force=True)  # our own cache
     return model_dir

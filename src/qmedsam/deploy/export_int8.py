@@ -328,6 +328,8 @@ def export_int8(
     samples_from: str = "cases",
     calibration: dict | None = None,
     thresholds: ParityThresholds | None = None,
+    *,
+    force: bool = False,
 ) -> dict:
     """Export a calibrated (or QAT-trained) Brevitas LiteMedSAM built from `spec` to an int8 IR directory.
 
@@ -352,7 +354,7 @@ def export_int8(
         for part, on in (("encoder", spec.image_encoder), ("decoder", spec.mask_decoder))
         if on
     }
-    with staged_directory(out_dir) as staging:
+    with staged_directory(out_dir, force) as staging:
         units = _convert_qcdq(model, staging)
         meta = base_meta("int8", source)
         meta["quantization"] = {

@@ -65,6 +65,8 @@ def export_ptq(
     samples_from: str = "cases",
     min_int8_fraction: float = 0.5,
     min_mask_dice: float = 0.8,
+    *,
+    force: bool = False,
 ) -> dict:
     """Float PyTorch model -> fp32 IR -> NNCF int8 IR directory, verified against the float model.
 
@@ -77,7 +79,7 @@ def export_ptq(
 
     if not calibration_samples or not parity_samples:
         raise ValueError("NNCF PTQ needs real slices for calibration and for its parity check")
-    with staged_directory(out_dir) as staging, tempfile.TemporaryDirectory() as fp32_tmp:
+    with staged_directory(out_dir, force) as staging, tempfile.TemporaryDirectory() as fp32_tmp:
         fp32_dir = Path(fp32_tmp)
         convert_float(model, fp32_dir)
         settings = quantize_ir(fp32_dir, staging, calibration_samples)
