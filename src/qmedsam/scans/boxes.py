@@ -56,6 +56,8 @@ def read_boxes(path: str | Path) -> ScanBoxes:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserFacingError(f"{path}: cannot read boxes ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserFacingError(f"{path}: boxes are not UTF-8 text (byte {exc.start})") from None
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:

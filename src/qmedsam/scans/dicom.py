@@ -8,6 +8,7 @@ series and the SEG's frames are the source images' own.
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,22 +72,47 @@ def _floats(ds, keyword: str, count: int, path: Path) -> np.ndarray:
     return values
 
 
-def read_dicom_series(folder: str | Path) -> DicomSeries:
-    """One series from a folder of DICOM files (non-DICOM files are ignored); clear errors for mixed series,
-    missing or duplicate slices, tilted or inconsistent geometry, and multi-frame / colour images."""
-    _require()
-    import nibabel as nib
+def _read_file(path: Path):
+    """The file's dataset with every element parsed (pydicom defers them: a damaged one would fail later, far
+    from its file), or None for a file that is not DICOM (a stray file in the folder is skipped)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    folder = Path(folder)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError):
+        return None
+    except Exception as exc:  # pydicom raises many types for a damaged file
+        raise UserFacingError(f"{path}: damaged DICOM file ({type(exc).__name__}: {exc})") from None
+    try:
+        for _ in ds.iterall():
+            pass
+    except Exception as exc:
+        raise UserFacingError(f"{path}: damaged DICOM element ({type(exc).__name__}: {exc})") from None
+    return ds
+
+
+def read_dicom_series(folder: str | Path) -> DicomSeries:
+    """One series from a folder of DICOM files (non-DICOM files are ignored); clear errors for mixed series,
+    missing or duplicate slices, tilted or inconsistent geometry, multi-frame / colour images and damaged files."""
+    try:
+        return _read_series(Path(folder))
+    except UserFacingError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, struct.error) as exc:
+        raise UserFacingError(f"{folder}: damaged DICOM data ({type(exc).__name__}: {exc})") from None
+
+
+def _read_series(folder: Path) -> DicomSeries:
+    _require()
+    import nibabel as nib
+
     if not folder.is_dir():
         raise UserFacingError(f"{folder}: not a folder of DICOM files")
     datasets, paths = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError):
+        ds = _read_file(path)
+        if ds is None:
             continue
         if "PixelData" in ds:
             _fill_uids_from_file_meta(ds)
@@ -146,6 +172,8 @@ def read_dicom_series(folder: str | Path) -> DicomSeries:
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
         slices.append(pixels.astype(np.float32) * slope + intercept)
     array = np.stack([s.T for s in slices], axis=2)  # (columns i, rows j, slices k)
+    if not np.all(np.isfinite(array)):
+        raise UserFacingError(f"{folder}: pixel values are not finite after RescaleSlope / RescaleIntercept")
     lps = np.eye(4)
     lps[:3, 0] = row_cos * spacing[1]
     lps[:3, 1] = col_cos * spacing[0]

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from qmedsam.data.cases import atomic_write_bytes, segmentation_dtype
+from qmedsam.data.npz import MAX_BYTES_ENV, max_case_bytes
 from qmedsam.errors import UserFacingError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -60,6 +61,12 @@ def read_nifti(path: str | Path) -> Scan:
     except Exception as exc:  # nibabel raises several types for a broken file
         raise UserFacingError(f"{path}: not a readable NIfTI file ({exc})") from None
     shape = _squeeze_to_3d(path, image.shape)
+    declared = int(np.prod(image.shape, dtype=object)) * image.get_data_dtype().itemsize
+    if declared > max_case_bytes():  # nibabel allocates the declared size before it reads a .nii.gz
+        raise UserFacingError(
+            f"{path}: header declares {declared} bytes of voxels (shape {image.shape}), more than the "
+            f"{max_case_bytes()}-byte limit ({MAX_BYTES_ENV} changes it)"
+        )
     try:
         array = np.asarray(image.dataobj).reshape(shape)
     except Exception as exc:
