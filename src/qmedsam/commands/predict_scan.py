@@ -82,8 +82,11 @@ def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespac
         if not result.labels.any():
             raise UserFacingError(f"{args.input}: nothing was segmented, so no DICOM SEG can be written")
         seg_path = args.output / f"{stem}.seg.dcm"
-        write_dicom_seg(result.labels, series, seg_path, __version__)
-        record["dicom_seg"] = {"file": seg_path.name, "series_instance_uid": str(series.datasets[0].SeriesInstanceUID)}
+        record["dicom_seg"] = write_dicom_seg(result.labels, series, seg_path, __version__)
+        if "warning" in record["dicom_seg"]:
+            warning = f"{seg_path.name}: {record['dicom_seg']['warning']}"
+            print(f"warning: {warning}", file=sys.stderr)
+            record["warnings"].append(warning)
     write_label_nifti(result.labels, scan, label_path)
     atomic_write_bytes(sidecar_path, (json.dumps(record, indent=2) + "\n").encode())
     print(

@@ -190,12 +190,41 @@ def _read_series(folder: Path) -> DicomSeries:
     return DicomSeries(scan, datasets)
 
 
-def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, software_version: str) -> None:
-    """A DICOM SEG (label values as segments, BINARY) referencing the series, written atomically."""
+def _with_series_identity(datasets: list) -> tuple[list, dict[str, str]]:
+    """The source datasets with a StudyInstanceUID and SeriesInstanceUID, which a SEG must reference (Type 1).
+
+    Anonymised series sometimes carry none. Then copies get UIDs derived from the images' SOPInstanceUIDs
+    (the same series always gets the same ones), and the generated values are returned to be reported."""
+    import copy
+
+    import pydicom
+
+    generated: dict[str, str] = {}
+    sop_uids = sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        values = {str(getattr(ds, keyword, "") or "").strip() for ds in datasets}
+        if values == {""} or "" in values:
+            generated[keyword] = pydicom.uid.generate_uid(entropy_srcs=[keyword, *sop_uids])
+    if not generated:
+        return datasets, generated
+    copies = [copy.deepcopy(ds) for ds in datasets]
+    for ds in copies:
+        for keyword, uid in generated.items():
+            setattr(ds, keyword, uid)
+    return copies, generated
+
+
+def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, software_version: str) -> dict:
+    """A DICOM SEG (label values as segments, BINARY) referencing the series, written atomically.
+
+    Returns what the sidecar records: the SEG's own series UID, the study and series it references, and
+    `generated_uids` (with a warning) when the source lacked the study / series identity a SEG needs."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from qmedsam.data.cases import atomic_write
+
+    sources, generated = _with_series_identity(series.datasets)
 
     values = [int(v) for v in np.unique(labels) if v != 0]
     if not values:
@@ -219,7 +248,7 @@ def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, softwar
         for number, value in enumerate(values, start=1)
     ]
     seg = hd.seg.Segmentation(
-        source_images=series.datasets,
+        source_images=sources,
         pixel_array=numbered,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -234,3 +263,16 @@ def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, softwar
         series_description="qmedsam box-prompted segmentation",
     )
     atomic_write(path, seg.save_as)
+    record = {
+        "file": path.name,
+        "seg_series_instance_uid": str(seg.SeriesInstanceUID),
+        "study_instance_uid": str(sources[0].StudyInstanceUID),
+        "referenced_series_instance_uid": str(sources[0].SeriesInstanceUID),
+    }
+    if generated:
+        record["generated_uids"] = generated
+        record["warning"] = (
+            f"the source series has no {' or '.join(generated)}; the SEG carries generated ones (listed here), so "
+            "a PACS links it to the images only if they are given the same UIDs"
+        )
+    return record

@@ -57,4 +57,10 @@ def segment_scan(
         },
         "engine": engine.name,
     }
-    return ScanResult(labels, record, list(case.warnings))
+    warnings = list(case.warnings)
+    present = set(np.unique(labels).tolist())
+    empty = [int(value) for value in boxes.labels if int(value) not in present]
+    if empty:  # the model found nothing inside these boxes: say so, or the output silently lacks them
+        record["empty_labels"] = empty
+        warnings.append(f"{source}: label(s) {empty} came out empty; the outputs hold no voxel of them")
+    return ScanResult(labels, record, warnings)
