@@ -19,6 +19,7 @@ import pytest
 from qmedsam.cli import main
 from qmedsam.data.cases import CaseError, read_case, write_segmentation
 from qmedsam.data.npz import NpzError, read_npz
+from qmedsam.data.sources import ensure_writable_dir
 from qmedsam.deploy.export import check_replaceable, shipped_int8_model_dir, staged_directory
 from qmedsam.errors import UserFacingError
 
@@ -185,3 +186,17 @@ def test_a_model_folder_is_replaced_and_a_user_file_inside_it_is_not(tmp_path):
     with staged_directory(model, force=True) as staging:  # --force: the user asked for it
         (staging / "meta.json").write_text("{}")
     assert not (model / "results.csv").exists()
+
+
+def test_data_builders_refuse_a_folder_holding_a_users_files(tmp_path, capsys):
+    users = tmp_path / "home"
+    users.mkdir()
+    (users / "cases").mkdir()
+    (users / "cases" / "2D_CT_TotalSeg_0001.npz").write_bytes(b"the user's own case")
+    assert main(["data", "demo", "--out", str(users)]) != 0
+    assert "that qmedsam did not write" in capsys.readouterr().err
+    assert (users / "cases" / "2D_CT_TotalSeg_0001.npz").read_bytes() == b"the user's own case"
+    fresh = tmp_path / "fresh"
+    ensure_writable_dir(fresh)  # new: made and marked, so a rerun into it is allowed
+    (fresh / "cases").mkdir()
+    ensure_writable_dir(fresh)

@@ -361,3 +361,19 @@ def test_bad_dicom_folders(dicom_series, tmp_path, capsys):
     assert main(["predict", "-i", str(enhanced), "--boxes-from", str(labels_path), "-o", str(tmp_path / "o")]) == 2
     assert "emri_small.dcm: multi-frame DICOM is not supported" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_label_with_no_voxel_left_is_a_warning_in_log_and_sidecar(tmp_path, capsys):
+    """A box inside a later, larger one on a bright square: the later label covers it, so label 1 is absent."""
+    volume = np.full((64, 64, 3), -1000, np.int16)
+    volume[10:30, 10:30, :] = 40
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "square.nii.gz")
+    boxes = [{"box": [16, 16, 0, 24, 24, 2], "label": 1}, {"box": [9, 9, 0, 31, 31, 2], "label": 2}]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    args = ["predict", "-i", str(tmp_path / "square.nii.gz"), "--boxes", str(tmp_path / "boxes.json")]
+    assert main([*args, "-o", str(tmp_path / "out"), "--precision", "f32"]) == 0
+    sidecar = json.loads((tmp_path / "out" / "square.json").read_text())
+    labels = np.asarray(nib.load(tmp_path / "out" / "square.nii.gz").dataobj)
+    assert sidecar["empty_labels"] == [1] and 1 not in labels and 2 in labels
+    assert any("label(s) [1] have no voxel" in warning for warning in sidecar["warnings"])
+    assert "label(s) [1] have no voxel" in capsys.readouterr().err

@@ -133,14 +133,28 @@ SOURCES: dict[str, Source] = {
 DEMO_SOURCES = ("totalsegmentator", "stardist", "nilearn")
 
 
+OUTPUT_MARKER = ".qmedsam-output"
+"""Written into every folder a data builder fills, so a rerun knows the files there are its own."""
+
+
 def ensure_writable_dir(out_dir: Path) -> None:
-    """Create a builder's output folder, or fail naming it (`--out` is the flag that chose it)."""
+    """Create a builder's output folder, or fail naming it (`--out` is the flag that chose it).
+
+    A folder that already holds files is used only if a builder made it (its marker or manifest.json is
+    there): a builder overwrites and prunes its own files by name, so `--out ~/data` must not touch a user's."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserFacingError(f"cannot create {out_dir} ({exc}); pass a writable --out") from None
     if not os.access(out_dir, os.W_OK):
         raise UserFacingError(f"cannot write to {out_dir}; pass a writable --out")
+    entries = [entry.name for entry in out_dir.iterdir()]
+    if entries and OUTPUT_MARKER not in entries and "manifest.json" not in entries:
+        raise UserFacingError(
+            f"{out_dir} already holds {len(entries)} entries that qmedsam did not write (no {OUTPUT_MARKER} or "
+            "manifest.json there); pass a new or empty --out"
+        )
+    (out_dir / OUTPUT_MARKER).touch()
 
 
 def default_cache_dir() -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 
 from qmedsam.data.cases import atomic_savez, atomic_write_bytes, load_npz
 from qmedsam.data.demo import promptable_labels, relabel, tight_boxes
+from qmedsam.data.sources import ensure_writable_dir
 from qmedsam.data.train_tree import labelled_split_entries
 from qmedsam.errors import UserFacingError
 
@@ -27,6 +28,7 @@ def write_split_cases(tree: str | Path, split: str, out: str | Path) -> dict:
     """Write cases + gts for every labelled file of `split`; returns the manifest written to OUT."""
     tree, out = Path(tree), Path(out)
     entries = labelled_split_entries(tree, split)
+    ensure_writable_dir(out)
     written = []
     for entry in entries:
         source = tree / entry["file"]

@@ -60,7 +60,10 @@ def segment_scan(
     warnings = list(case.warnings)
     present = set(np.unique(labels).tolist())
     empty = [int(value) for value in boxes.labels if int(value) not in present]
-    if empty:  # the model found nothing inside these boxes: say so, or the output silently lacks them
+    if empty:  # an empty mask, or one wholly covered by later labels: say so, or the outputs silently lack it
         record["empty_labels"] = empty
-        warnings.append(f"{source}: label(s) {empty} came out empty; the outputs hold no voxel of them")
+        warnings.append(
+            f"{source}: label(s) {empty} have no voxel in the outputs (the mask came out empty or later labels "
+            "cover it)"
+        )
     return ScanResult(labels, record, warnings)
