@@ -6,11 +6,13 @@ planted symlink; `export --out` never deletes a folder it did not make."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,10 @@ VERDICTS = {
     "3D_truncated_zip.npz": "not a zip archive",
     "3D_zip_bomb.npz": "members declare 67108992 bytes, more than the 33554432-byte limit",
     "3D_zip_bomb_lies.npz": "member 'imgs.npy' fails its CRC-32 check (corrupted)",
+    "3D_local_name_differs.npz": "not a zip archive",
+    "3D_overlapping_entries.npz": "not a zip archive",
+    "3D_prepended_bytes.npz": "not a zip archive",
+    "3D_trailing_bytes.npz": "not a zip archive",
 }
 
 
@@ -83,6 +89,7 @@ def test_both_predictors_give_one_verdict_on_a_hostile_batch(cpp_binary, demo_di
     shutil.copytree(CORPUS, inputs, ignore=shutil.ignore_patterns("*.py"))
     valid = "2D_CT_TotalSeg_0001.npz"
     shutil.copy(demo_dir / "cases" / valid, inputs / valid)
+    odd_but_valid = _odd_but_valid_archives(inputs)
     (inputs / "3D_a_folder.npz").mkdir()
     os.mkfifo(inputs / "3D_a_fifo.npz")  # reading it would block forever: both must refuse without opening it
     verdicts = {**VERDICTS, "3D_a_folder.npz": "not a regular file", "3D_a_fifo.npz": "not a regular file"}
@@ -100,7 +107,9 @@ def test_both_predictors_give_one_verdict_on_a_hostile_batch(cpp_binary, demo_di
     )
     assert done.returncode == 1, done.stderr[-3000:]
     rows = {side: _timing(out) for side, out in outputs.items()}
-    assert sorted(rows["python"]) == sorted(rows["cpp"]) == sorted([*verdicts, valid])
+    assert sorted(rows["python"]) == sorted(rows["cpp"]) == sorted([*verdicts, valid, *odd_but_valid])
+    for name in odd_but_valid:
+        assert rows["python"][name]["status"] == rows["cpp"][name]["status"] == "ok", name
     for name, expected in verdicts.items():
         python, cpp = rows["python"][name], rows["cpp"][name]
         assert python["status"] == cpp["status"] == "error", name
@@ -116,6 +125,40 @@ def test_both_predictors_give_one_verdict_on_a_hostile_batch(cpp_binary, demo_di
         assert np.count_nonzero(expected["segs"] != got["segs"]) <= max(
             2, expected["segs"].astype(bool).sum() // 10_000
         )
+
+
+def _odd_but_valid_archives(folder: Path) -> list[str]:
+    """Zips that other writers make and both readers must accept: streamed (sizes in data descriptors),
+    zip64 records, an archive comment, a non-ASCII member name."""
+
+    class Unseekable(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, chunk) -> int:
+            self.data += chunk
+            return len(chunk)
+
+    image, boxes = np.zeros((2, 8, 8), np.uint8), np.array([[1, 1, 0, 6, 6, 1]])
+    stream = Unseekable()
+    with zipfile.ZipFile(stream, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in (("imgs.npy", image), ("boxes.npy", boxes)):
+            with archive.open(name, "w") as member:
+                np.save(member, array)
+    (folder / "3D_valid_streamed.npz").write_bytes(bytes(stream.data))
+    with zipfile.ZipFile(folder / "3D_valid_zip64.npz", "w") as archive:
+        for name, array in (("imgs.npy", image), ("boxes.npy", boxes)):
+            with archive.open(name, "w", force_zip64=True) as member:
+                np.save(member, array)
+    with zipfile.ZipFile(folder / "3D_valid_comment_unicode.npz", "w") as archive:
+        archive.comment = b"written by another tool"
+        for name, array in (("imgs.npy", image), ("boxes.npy", boxes), ("größe.npy", np.ones(3))):
+            with archive.open(name, "w") as member:
+                np.save(member, array)
+    return ["3D_valid_streamed.npz", "3D_valid_zip64.npz", "3D_valid_comment_unicode.npz"]
 
 
 def test_decoded_size_limit_comes_from_the_environment(tmp_path, monkeypatch):

@@ -479,7 +479,7 @@ std::map<std::string, Array> read_npz_bytes(const uint8_t* data, size_t size, ui
 std::map<std::string, Array> read_npz_source(zip_source_t* source, uint64_t max_bytes) {
   zip_error_t error;
   zip_error_init(&error);
-  std::unique_ptr<zip_t, decltype(&zip_discard)> archive(zip_open_from_source(source, ZIP_RDONLY, &error), &zip_discard);
+  std::unique_ptr<zip_t, decltype(&zip_discard)> archive(zip_open_from_source(source, ZIP_RDONLY | ZIP_CHECKCONS, &error), &zip_discard);
   zip_error_fini(&error);
   if (!archive) {
     zip_source_free(source);

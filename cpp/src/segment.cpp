@@ -263,6 +263,11 @@ std::vector<float> Engine::decode(const std::vector<float>& embedding, const std
 }
 
 std::vector<uint32_t> segment_case(Engine& engine, const Case& c, const std::string& prompt_mode, int batch) {
+  // read_case caps every axis at 65,535 voxels; checked again here because OpenCV and the loops below use int.
+  constexpr int64_t kIntMax = 2147483647;
+  if (c.height() > kIntMax || c.width() > kIntMax || c.depth() > kIntMax || c.boxes.size() > 0xffffffffu) {
+    throw CaseError(c.path + ": image or box count too large to segment");
+  }
   const size_t plane = static_cast<size_t>(c.height()) * c.width();
   std::vector<uint32_t> segs(plane * c.depth(), 0);
   if (c.dimension == 2) {

@@ -248,6 +248,42 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
     return raw
 
 
+_LOCAL_HEADER = b"PK\x03\x04"
+_END_RECORD = b"PK\x05\x06"
+
+
+def _check_zip_bounds(path: Path) -> None:
+    """The file is one zip archive and nothing else: it starts with a member (or is an empty archive) and its
+    end record (+ its declared comment) ends the file. zipfile would skip data before or after the archive;
+    libzip's consistency check (the C++ reader's) refuses it, so both refuse it."""
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size < 22:
+            raise NpzError("not a zip archive")
+        handle.seek(0)
+        head = handle.read(4)
+        tail_size = min(size, 22 + 65_535)
+        handle.seek(size - tail_size)
+        tail = handle.read(tail_size)
+    end = tail.rfind(_END_RECORD)
+    while end >= 0 and end + 22 + int.from_bytes(tail[end + 20 : end + 22], "little") != len(tail):
+        end = tail.rfind(_END_RECORD, 0, end)
+    if head not in (_LOCAL_HEADER, _END_RECORD) or end < 0:
+        raise NpzError("not a zip archive")
+
+
+def _check_local_headers(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
+    """Every member's local header agrees with the central directory (name, no overlap), before any data is
+    read: what libzip's ZIP_CHECKCONS checks when the C++ reader opens the archive."""
+    for info in infos:
+        try:
+            archive.open(info).close()
+        except (RuntimeError, NotImplementedError):
+            pass  # encrypted or an unsupported method: the headers were fine; refused below by name
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error):
+            raise NpzError("not a zip archive") from None
+
+
 def read_npz(
     path: str | os.PathLike, max_bytes: int | None = None, keys: Collection[str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -257,6 +293,7 @@ def read_npz(
     without decoding a large image.
     """
     limit = max_case_bytes() if max_bytes is None else max_bytes
+    _check_zip_bounds(Path(path))
     try:
         archive = zipfile.ZipFile(Path(path))
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
@@ -264,14 +301,17 @@ def read_npz(
     arrays: dict[str, np.ndarray] = {}
     with archive:
         infos = archive.infolist()
+        _check_local_headers(archive, infos)
         if len(infos) > MAX_MEMBERS:
             raise NpzError(f"{len(infos)} members; at most {MAX_MEMBERS} are accepted")
         declared, remaining = 0, limit
+        seen: set[str] = set()
         for info in infos:
             name = info.filename
             key = name[:-4] if name.endswith(".npy") else name
-            if key in arrays:
+            if key in seen:
                 raise NpzError(f"member '{name}' appears twice")
+            seen.add(key)
             if info.flag_bits & 0x1:
                 raise NpzError(f"member '{name}' is encrypted")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):

@@ -32,11 +32,18 @@ def raw_npy(header: str, data: bytes = b"", version: int = 1) -> bytes:
     return b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(text)) + text + data
 
 
+def _entry(name: str, method: int = zipfile.ZIP_STORED) -> zipfile.ZipInfo:
+    """A member with a fixed timestamp, so the corpus is the same bytes on every run of this script."""
+    info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
+    info.compress_type = method
+    return info
+
+
 def zip_members(path: Path, members: list[tuple[str, bytes]], method: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=method) as archive:
         for name, payload in members:
-            archive.writestr(name, payload)
+            archive.writestr(_entry(name, method), payload)
     data = buffer.getvalue()
     path.write_bytes(data)
     return data
@@ -113,14 +120,28 @@ def main() -> None:
     (HERE / "3D_empty_file.npz").write_bytes(b"")
     (HERE / "3D_not_a_zip.npz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     (HERE / "3D_duplicate_member.npz").write_bytes(_duplicate_member(image))
+    # Zip structure: a local header that disagrees with the central directory, an entry overlapping another
+    # (zipfile and libzip read these differently unless both check), and bytes before or after the archive.
+    members = [("imgs.npy", npy(image)), ("boxes.npy", npy(VALID_BOXES))]
+    data = bytearray(zip_members(HERE / "3D_local_name_differs.npz", members))
+    at = data.index(b"PK\x03\x04") + 30
+    data[at : at + 8] = b"IMGS.npy"
+    (HERE / "3D_local_name_differs.npz").write_bytes(bytes(data))
+    data = bytearray(zip_members(HERE / "3D_overlapping_entries.npz", members))
+    second = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)
+    struct.pack_into("<I", data, second + 42, 0)  # boxes' local header offset -> the imgs member's
+    (HERE / "3D_overlapping_entries.npz").write_bytes(bytes(data))
+    whole = zip_members(HERE / "3D_prepended_bytes.npz", members)
+    (HERE / "3D_prepended_bytes.npz").write_bytes(b"MZ" + bytes(98) + whole)
+    (HERE / "3D_trailing_bytes.npz").write_bytes(whole + bytes(100))
 
 
 def _duplicate_member(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("imgs.npy", npy(image))
-        archive.writestr("boxes.npy", npy(VALID_BOXES))
-        archive.writestr("imgs", npy(np.ones((2, 8, 8), np.uint8)))
+        archive.writestr(_entry("imgs.npy"), npy(image))
+        archive.writestr(_entry("boxes.npy"), npy(VALID_BOXES))
+        archive.writestr(_entry("imgs"), npy(np.ones((2, 8, 8), np.uint8)))
     return buffer.getvalue()
 
 
