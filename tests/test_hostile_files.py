@@ -63,6 +63,7 @@ VERDICTS = {
     "3D_overlapping_entries.npz": "not a zip archive",
     "3D_prepended_bytes.npz": "not a zip archive",
     "3D_trailing_bytes.npz": "not a zip archive",
+    "3D_cp437_member_name.npz": "member '\u251c\u2310.npy': not a .npy array",
 }
 
 

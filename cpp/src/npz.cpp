@@ -345,7 +345,7 @@ std::map<std::string, Array> read_archive(zip_t* archive, uint64_t limit) {
   for (zip_int64_t i = 0; i < entries; ++i) {
     zip_stat_t stat;
     zip_stat_init(&stat);
-    if (zip_stat_index(archive, i, 0, &stat) != 0 || !(stat.valid & ZIP_STAT_NAME) || !(stat.valid & ZIP_STAT_SIZE) ||
+    if (zip_stat_index(archive, i, ZIP_FL_ENC_STRICT, &stat) != 0 || !(stat.valid & ZIP_STAT_NAME) || !(stat.valid & ZIP_STAT_SIZE) ||
         !(stat.valid & ZIP_STAT_CRC)) {
       throw NpzError("not a zip archive");
     }

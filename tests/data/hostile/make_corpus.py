@@ -134,6 +134,15 @@ def main() -> None:
     whole = zip_members(HERE / "3D_prepended_bytes.npz", members)
     (HERE / "3D_prepended_bytes.npz").write_bytes(b"MZ" + bytes(98) + whole)
     (HERE / "3D_trailing_bytes.npz").write_bytes(whole + bytes(100))
+    # A member name in UTF-8 bytes without the UTF-8 flag: by the zip spec CP437, and both readers name it so.
+    data = bytearray(zip_members(HERE / "3D_cp437_member_name.npz", [*members, ("XX.npy", b"not an array")]))
+    for signature, name_offset in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46)):
+        at = data.find(signature)
+        while at >= 0:
+            if data[at + name_offset : at + name_offset + 2] == b"XX":
+                data[at + name_offset : at + name_offset + 2] = "é".encode()
+            at = data.find(signature, at + 4)
+    (HERE / "3D_cp437_member_name.npz").write_bytes(bytes(data))
 
 
 def _duplicate_member(image: np.ndarray) -> bytes:
