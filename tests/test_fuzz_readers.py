@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,8 @@ from qmedsam.errors import UserFacingError
 from qmedsam.scans.boxes import ScanBoxes, read_boxes
 from qmedsam.scans.dicom import read_dicom_series
 from qmedsam.scans.nifti import Scan, read_nifti
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns on every damaged element
 
 FUZZ = settings(
     max_examples=int(os.environ.get("QMEDSAM_FUZZ_EXAMPLES", "300")),

@@ -17,7 +17,7 @@ import numpy as np
 
 from qmedsam.deploy.runtime import Engine
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 """What decides int8 / bf16 speed on x86: VNNI (int8 dot products), AVX-512 BF16, AMX (int8 / bf16 tiles)."""
 
 

@@ -198,6 +198,49 @@ def _required(twin_agreement: float, slack: float, absolute_floor: float, cap: f
     return max(absolute_floor, min(cap, twin_agreement - slack))
 
 
+def decompose_fake_quantize(model):
+    """A clone of an OpenVINO model whose FakeQuantize ops are spelled out in elementary f32 ops (clamp, scale,
+    round half to even, rescale: the op's own definition), so the CPU plugin cannot fuse them into int8
+    kernels and runs the quantized graph exactly as written, in f32, on any CPU."""
+    from openvino import opset13
+
+    model = model.clone()
+    for fq in [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"]:
+        x, low, high, out_low, out_high = (fq.input_value(i) for i in range(5))
+        steps = opset13.constant(np.float32(fq.get_attributes()["levels"] - 1))
+        clamped = opset13.minimum(opset13.maximum(x, low), high)
+        unit = opset13.divide(opset13.subtract(clamped, low), opset13.subtract(high, low))
+        level = opset13.round(opset13.multiply(unit, steps), "half_to_even")
+        value = opset13.add(
+            opset13.multiply(opset13.divide(level, steps), opset13.subtract(out_high, out_low)), out_low
+        )
+        fq.output(0).replace(value.output(0))
+    return model
+
+
+def write_decomposed_copy(model_dir: Path, target: Path) -> Path:
+    """`model_dir`'s encoder and decoder with `decompose_fake_quantize` applied, written into `target`."""
+    import shutil
+
+    import openvino as ov
+
+    core = ov.Core()
+    target.mkdir(parents=True, exist_ok=True)
+    for part in ("encoder", "decoder"):
+        model = decompose_fake_quantize(core.read_model(str(Path(model_dir) / f"{part}.xml")))
+        ov.save_model(model, str(target / f"{part}.xml"), compress_to_fp16=False)
+    shutil.copy(Path(model_dir) / "meta.json", target / "meta.json")
+    return target
+
+
+def ir_to_check(model_dir: Path, scratch: Path) -> Path:
+    """The model folder the parity checks run: the IR itself where this CPU's int8 kernels add exactly, else
+    its copy with FakeQuantize spelled out (`decompose_fake_quantize`) written under `scratch`."""
+    from qmedsam.deploy.precision import exact_int8_dot_products
+
+    return Path(model_dir) if exact_int8_dot_products() else write_decomposed_copy(Path(model_dir), scratch / "fq")
+
+
 def int8_parity(
     model_dir: Path,
     model,
@@ -209,13 +252,28 @@ def int8_parity(
     """All three parity measurements of an exported int8 IR against its PyTorch fake-quant `model`.
 
     Returns the record for meta.json and the list of failed checks (empty when the IR is faithful).
+
+    On a CPU whose int8 kernels saturate (no VNNI / AMX: `exact_int8_dot_products`), the int8 kernels add an
+    error the IR does not cause, so the checks run the IR's own quantized graph in f32
+    (`decompose_fake_quantize`) and what this CPU's int8 kernels give end to end is recorded beside them.
     """
+    import tempfile
+
+    from qmedsam.deploy.precision import exact_int8_dot_products
     from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 
     reference = TorchEngine(model, name="torch-brevitas-fakequant")
-    candidate = OpenVINOEngine(model_dir, precision="f32", cache_dir=cache_dir)
-    units_result = unit_parity(Path(model_dir) / "encoder.xml", model, units, samples)
-    end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
+    exact = exact_int8_dot_products()
+    with tempfile.TemporaryDirectory() as scratch:
+        checked_dir = ir_to_check(Path(model_dir), Path(scratch))
+        candidate = OpenVINOEngine(checked_dir, precision="f32", cache_dir=cache_dir)
+        units_result = unit_parity(checked_dir / "encoder.xml", model, units, samples)
+        end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
+        del candidate
+    this_cpu = None
+    if not exact:
+        int8_kernels = OpenVINOEngine(Path(model_dir), precision="f32", cache_dir=cache_dir)
+        this_cpu = compare_engines(reference, int8_kernels, list(samples))
     decoder = end_to_end.pop("decoder_teacher_forced")
     # The same model in float64: how far the reference is from itself, end to end and decoder alone.
     twin = TorchEngine(copy.deepcopy(model).double(), name="torch-float64", dtype=np.float64)
@@ -224,6 +282,7 @@ def int8_parity(
     worst_unit = max(units_result, key=lambda name: units_result[name]["one_minus_cos"]) if units_result else None
     record = {
         "reference": reference.name,
+        "int8_kernels": "exact (VNNI/AMX)" if exact else "saturating (no VNNI/AMX): checks ran the IR's graph in f32",
         "thresholds": dataclasses.asdict(thresholds),
         "units": units_result,
         "worst_unit": worst_unit,
@@ -235,6 +294,11 @@ def int8_parity(
             "what": "PyTorch fake-quant float32 vs the same model in float64 (decoder: on the same embedding)",
         },
     }
+    if this_cpu is not None:
+        record["this_cpu_int8_kernels"] = {
+            "mask_dice_mean": this_cpu["mask_dice_mean"],
+            "what": "the IR with this CPU's saturating int8 kernels vs the reference, end to end (not a check)",
+        }
     failures = []
     if len(units_result) == 0:
         failures.append("no encoder blocks found to check one by one")

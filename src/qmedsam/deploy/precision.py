@@ -53,6 +53,17 @@ def native_bf16() -> bool:
     return flags["avx512_bf16"] or flags["amx_bf16"]
 
 
+def exact_int8_dot_products() -> bool:
+    """Whether this CPU's int8 kernels add u8 x s8 products exactly (VNNI, AVX-VNNI or AMX).
+
+    Without them (AVX2 or AVX-512F alone) oneDNN sums pairs of products in 16-bit registers that saturate,
+    a known source of int8 error that the model and its IR do not cause (OpenVINO's "saturation issue")."""
+    from qmedsam.deploy.bench import cpu_flags
+
+    flags = cpu_flags()
+    return flags["avx512_vnni"] or flags["avx_vnni"] or flags["amx_int8"]
+
+
 def probe_inputs() -> tuple[np.ndarray, np.ndarray]:
     """A deterministic phantom (ellipses of different brightness on a textured background, as a preprocessed
     (1, 3, 256, 256) image) and a box around each ellipse in 256-space: real structure to segment, so
