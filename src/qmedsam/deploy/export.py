@@ -261,7 +261,13 @@ def staged_directory(out_dir: str | Path, force: bool = False) -> Iterator[Path]
         if os.path.lexists(out_dir):  # moved aside first, so a failed rename leaves the old folder in place
             replaced = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced.", dir=out_dir.parent)) / "old"
             out_dir.rename(replaced)
-        staging.rename(out_dir)
+        try:
+            staging.rename(out_dir)
+        except BaseException:
+            if replaced is not None:  # put the old folder back where it was
+                replaced.rename(out_dir)
+                replaced.parent.rmdir()
+            raise
         if replaced is not None:
             _remove_replaced(replaced)
             replaced.parent.rmdir()
