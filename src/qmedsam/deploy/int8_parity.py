@@ -259,13 +259,12 @@ def int8_parity(
     """
     import tempfile
 
-    from qmedsam.deploy.precision import exact_int8_dot_products
     from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 
     reference = TorchEngine(model, name="torch-brevitas-fakequant")
-    exact = exact_int8_dot_products()
     with tempfile.TemporaryDirectory() as scratch:
         checked_dir = ir_to_check(Path(model_dir), Path(scratch))
+        exact = checked_dir == Path(model_dir)
         candidate = OpenVINOEngine(checked_dir, precision="f32", cache_dir=cache_dir)
         units_result = unit_parity(checked_dir / "encoder.xml", model, units, samples)
         end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)

@@ -202,8 +202,7 @@ def _with_series_identity(datasets: list) -> tuple[list, dict[str, str]]:
     generated: dict[str, str] = {}
     sop_uids = sorted(str(ds.SOPInstanceUID) for ds in datasets)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        values = {str(getattr(ds, keyword, "") or "").strip() for ds in datasets}
-        if values == {""} or "" in values:
+        if any(not str(getattr(ds, keyword, "") or "").strip() for ds in datasets):
             generated[keyword] = pydicom.uid.generate_uid(entropy_srcs=[keyword, *sop_uids])
     if not generated:
         return datasets, generated

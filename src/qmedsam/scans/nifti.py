@@ -61,11 +61,11 @@ def read_nifti(path: str | Path) -> Scan:
     except Exception as exc:  # nibabel raises several types for a broken file
         raise UserFacingError(f"{path}: not a readable NIfTI file ({exc})") from None
     shape = _squeeze_to_3d(path, image.shape)
-    declared = int(np.prod(image.shape, dtype=object)) * image.get_data_dtype().itemsize
-    if declared > max_case_bytes():  # nibabel allocates the declared size before it reads a .nii.gz
+    declared, limit = int(np.prod(image.shape, dtype=object)) * image.get_data_dtype().itemsize, max_case_bytes()
+    if declared > limit:  # nibabel allocates the declared size before it reads a .nii.gz
         raise UserFacingError(
             f"{path}: header declares {declared} bytes of voxels (shape {image.shape}), more than the "
-            f"{max_case_bytes()}-byte limit ({MAX_BYTES_ENV} changes it)"
+            f"{limit}-byte limit ({MAX_BYTES_ENV} changes it)"
         )
     try:
         array = np.asarray(image.dataobj).reshape(shape)
