@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.bench import cpu_name
-from qmedsam.deploy.export import resolve_model_dir
+from qmedsam.engines import resolve_model_dir
+from qmedsam.inference.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from qmedsam.deploy.bench import cpu_name
+from qmedsam.inference.machine import cpu_name
 
 
 def proc_status(pid: int) -> dict[str, float]:
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
 
-    from qmedsam.data.datasets import GatherModalityDataset, tune_allocator
+    from qmedsam.datasets.modality import GatherModalityDataset, tune_allocator
 
     def build() -> tuple[GatherModalityDataset, float]:
         start = time.perf_counter()

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from qmedsam.data.preprocess import geometry_for, postprocess_logits
-from qmedsam.deploy.bench import median_ms
+from qmedsam.inference.machine import median_ms
 
 REPEATS = 15
 

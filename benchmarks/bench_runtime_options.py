@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from qmedsam.deploy.bench import machine_line, median_ms
-from qmedsam.deploy.export import resolve_model_dir
-from qmedsam.deploy.runtime import compile_config
+from qmedsam.engines import resolve_model_dir
+from qmedsam.inference.machine import machine_line, median_ms
+from qmedsam.inference.precision import compile_config
 
 THREADS = 2
 

@@ -23,7 +23,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import napari  # noqa: E402
 
 from qmedsam.data.cases import read_case  # noqa: E402
-from qmedsam.deploy.bench import cpu_name  # noqa: E402
+from qmedsam.inference.machine import cpu_name  # noqa: E402
 from qmedsam.napari.io import demo_dir  # noqa: E402
 from qmedsam.napari.layers import box_rectangle  # noqa: E402
 from qmedsam.napari.widget import SegmentWidget  # noqa: E402

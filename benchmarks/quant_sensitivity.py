@@ -71,7 +71,7 @@ PART_MODULES = {"encoder": "image_encoder", "decoder": "mask_decoder"}
 def measure(args: argparse.Namespace) -> dict:
     from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 
-    from qmedsam.deploy.export_int8 import real_slices
+    from qmedsam.export.int8 import real_slices
     from qmedsam.model.calibrate import calibrate, model_inputs
     from qmedsam.model.litemedsam import load_pretrained_litemedsam
     from qmedsam.model.quant import QuantSpec, load_litemedsam

@@ -5,7 +5,7 @@ Run by `make int8-model` after `benchmarks/qat_compare.sh` has exported and scor
 The model's meta.json gains a `shipped` record: which candidate, its DSC / NSD next to fp32's on the
 validation split and the demo cases (from the `qmedsam evaluate` summaries), its size, and the command that
 regenerates it. Files get normal permissions; the old shipped model is replaced only when all is written
-(`qmedsam.deploy.export.staged_directory`, as every export).
+(`qmedsam.export.fp32.staged_directory`, as every export).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from qmedsam.data.cases import atomic_write_bytes
-from qmedsam.deploy.export import staged_directory
+from qmedsam.export.staging import staged_directory
+from qmedsam.files import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = REPO / "src" / "qmedsam" / "models" / "int8"

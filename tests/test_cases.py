@@ -7,14 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qmedsam.data.cases import (
-    CaseError,
-    atomic_savez,
-    modality_of,
-    read_case,
-    read_ground_truth,
-    segmentation_dtype,
-)
+from qmedsam.data.cases import CaseError, modality_of, read_case, read_ground_truth, segmentation_dtype
+from qmedsam.files import atomic_savez
 
 
 def write(tmp_path: Path, name: str, **arrays) -> Path:

@@ -14,9 +14,9 @@ import pytest
 
 from qmedsam.cli import main
 from qmedsam.data.cases import read_case
-from qmedsam.deploy.export import shipped_int8_model_dir
-from qmedsam.deploy.runtime import OpenVINOEngine
-from qmedsam.deploy.segment import segment_case
+from qmedsam.inference.model_dir import shipped_int8_model_dir
+from qmedsam.inference.runtime import OpenVINOEngine
+from qmedsam.inference.segment import segment_case
 
 
 def run_cpp(binary: Path, inputs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -16,13 +16,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from qmedsam.data import datasets
-from qmedsam.data.datasets import (
-    DEFAULT_MIN_MASK_PIXELS,
-    GatherModalityDataset,
-    ModalityDataset,
-    Sample,
-)
 from qmedsam.data.preprocess import geometry_for, preprocess_image, resize_mask
+from qmedsam.datasets.modality import DEFAULT_MIN_MASK_PIXELS, GatherModalityDataset, ModalityDataset, Sample
 
 CT_3D = "CT/TotalSeg/3D_CT_TotalSeg_0001.npz"
 CT_2D = "CT/TotalSeg/2D_CT_TotalSeg_0001.npz"
@@ -110,7 +105,7 @@ def test_sampling_strategies_give_documented_counts(tree: Path, caplog: pytest.L
         assert GatherModalityDataset(tree, mod_sample=strategy).mod_samples() == counts
     assert expected["OneTenth"] == [n[0] // 10, n[1] // 10, 1]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qmedsam.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="qmedsam.datasets.modality"):
         g.modify_mod_sample(20)
     assert g.mod_samples() == [20, 20, 1]
     assert any("Microscopy" in r.getMessage() and "sample=20" in r.getMessage() for r in caplog.records)
@@ -171,7 +166,7 @@ def test_shuffle_redraws_and_the_seed_fixes_the_draws(tree: Path):
 
 def test_manifest_selects_the_split(tree: Path, caplog: pytest.LogCaptureFixture):
     write_manifest(tree, {CT_3D: "train", CT_2D: "train", MR_TS: "train", MR_MNI: "validation"})  # Microscopy unlisted
-    with caplog.at_level(logging.WARNING, logger="qmedsam.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="qmedsam.datasets.modality"):
         train = GatherModalityDataset(tree, mod_sample=None)
     assert files_of(train.sample_keys()) == {CT_3D, CT_2D, MR_TS}
     assert train.mod_names() == ["CT", "MR"] and "Microscopy" in train.dropped
@@ -275,7 +270,7 @@ def test_bad_files_are_skipped_with_their_reason(tree: Path, tmp_path: Path, cap
         "truncated": "unreadable",
         "corrupt": "unreadable",
     }
-    with caplog.at_level(logging.WARNING, logger="qmedsam.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="qmedsam.datasets.modality"):
         ds = ModalityDataset(tree / "CT")
     assert ds.index_stats["skipped"] == len(reasons) == len(ds.skipped)
     for stem, reason in reasons.items():
@@ -287,7 +282,7 @@ def test_bad_files_are_skipped_with_their_reason(tree: Path, tmp_path: Path, cap
     assert all(ds[i].labelled for i in range(3))
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qmedsam.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="qmedsam.datasets.modality"):
         again = GatherModalityDataset(tree, mod_sample=None)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # warned once, at index time
     assert again.skipped == ds.skipped and again.datasets[0].index_stats["indexed"] == 0

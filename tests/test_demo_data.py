@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from qmedsam.data.cases import read_case, read_ground_truth, segmentation_dtype
-from qmedsam.data.demo import MANIFEST_NAME, build_demo, is_complete, load_manifest
+from qmedsam.datasets.manifest import MANIFEST_NAME, load_manifest
+from qmedsam.datasets.recipes.demo import build_demo, is_complete
 
 EXPECTED = {
     "2D_Microscopy_DSB2018_0001.npz": ("Microscopy", 2, "manual"),

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qmedsam.commands.export import parity_samples_from
-from qmedsam.deploy.export import compare_engines
-from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 from qmedsam.errors import UserFacingError
+from qmedsam.export.parity import compare_engines
+from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
 
 def test_export_writes_a_self_describing_model_dir(fp32_model_dir):

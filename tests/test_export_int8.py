@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from qmedsam.commands.export import parity_samples_from
-from qmedsam.deploy.bench import cpu_flags
-from qmedsam.deploy.export import compare_engines
-from qmedsam.deploy.export_int8 import INT8_PRECISIONS, int8_coverage, real_slices, verify_ir
-from qmedsam.deploy.int8_parity import ParityThresholds, decompose_fake_quantize, ir_to_check, unit_parity
-from qmedsam.deploy.precision import exact_int8_dot_products
-from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine, layer_precisions
+from qmedsam.export.int8 import INT8_PRECISIONS, int8_coverage, real_slices, verify_ir
+from qmedsam.export.int8_parity import ParityThresholds, decompose_fake_quantize, ir_to_check, unit_parity
+from qmedsam.export.parity import compare_engines
+from qmedsam.inference.machine import cpu_flags, exact_int8_dot_products
+from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine, layer_precisions
 from qmedsam.model.calibrate import calibrate, model_inputs
 from qmedsam.model.quant import QuantSpec, load_litemedsam
 
@@ -33,7 +32,7 @@ CALIBRATION_SLICES = 4
 # (same code and data; float results differ between CPUs). 0.90 sits 0.05 (4x the cross-CPU spread)
 # under the lowest calibrated figure and far above a broken calibration.
 MIN_AGREEMENT_WITH_FLOAT = 0.90
-# OpenVINO int8 vs PyTorch fake-quant, whole pipeline: see qmedsam.deploy.int8_parity for why this is not 0.99.
+# OpenVINO int8 vs PyTorch fake-quant, whole pipeline: see qmedsam.export.int8_parity for why this is not 0.99.
 MIN_PARITY_WITH_FAKE_QUANT = 0.90  # measured 0.965 (the reference vs its own float64 twin: 0.956)
 
 
@@ -148,7 +147,7 @@ def test_conv_and_fully_connected_layers_run_in_int8(int8_dir):
 
 
 def test_int8_ir_matches_the_fake_quant_model(int8_dir, parity_slices):
-    """Parity where it is meaningful (see qmedsam.deploy.int8_parity): every encoder block of the saved IR on
+    """Parity where it is meaningful (see qmedsam.export.int8_parity): every encoder block of the saved IR on
     PyTorch's input to it, the decoder on PyTorch's embedding (the issue's 0.99 unless the reference decoder is
     less steady than that against its own float64 twin), and end to end against the reference's own
     float64/float32 agreement."""

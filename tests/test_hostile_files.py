@@ -21,9 +21,10 @@ import pytest
 from qmedsam.cli import main
 from qmedsam.data.cases import CaseError, read_case, write_segmentation
 from qmedsam.data.npz import NpzError, read_npz
-from qmedsam.data.sources import ensure_writable_dir
-from qmedsam.deploy.export import check_replaceable, shipped_int8_model_dir, staged_directory
+from qmedsam.datasets.recipes.sources import ensure_writable_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.export.staging import check_replaceable, staged_directory
+from qmedsam.inference.model_dir import shipped_int8_model_dir
 
 CORPUS = Path(__file__).parent / "data" / "hostile"
 LIMIT = 32 * 2**20  # the zip bombs inflate to 64 MiB

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.export import SHIPPED_INT8_DIR
-from qmedsam.deploy.precision import CANDIDATES, choice_path, choose_precision, mask_agreement, native_bf16
-from qmedsam.deploy.runtime import OpenVINOEngine
+from qmedsam.evaluate.metrics import mean_mask_dice
+from qmedsam.inference.machine import native_bf16
+from qmedsam.inference.model_dir import SHIPPED_INT8_DIR
+from qmedsam.inference.precision import CANDIDATES, choice_path, choose_precision
+from qmedsam.inference.runtime import OpenVINOEngine
 
 
 def test_auto_measures_each_part_behind_the_accuracy_gate_and_caches_the_choice(tmp_path: Path):
@@ -50,4 +52,4 @@ def test_mask_agreement_is_mean_per_box_dice():
     a = np.zeros((2, 4, 4), bool)
     b = a.copy()
     a[0, :2], b[0, :1] = True, True  # Dice 2*4 / (8 + 4)
-    assert abs(mask_agreement(a, b) - (2 * 4 / 12 + 1.0) / 2) < 1e-9  # the second pair: both empty, full agreement
+    assert abs(mean_mask_dice(a, b) - (2 * 4 / 12 + 1.0) / 2) < 1e-9  # the second pair: both empty, full agreement

@@ -13,7 +13,7 @@ import pytest
 
 from qmedsam.cli import main
 from qmedsam.data.cases import read_case, read_ground_truth
-from qmedsam.deploy.export import dice
+from qmedsam.evaluate.metrics import mask_dice
 
 
 def smallest_case(demo_dir: Path, prefix: str) -> Path:
@@ -23,7 +23,7 @@ def smallest_case(demo_dir: Path, prefix: str) -> Path:
 
 
 def mean_dice(segs: np.ndarray, gts: np.ndarray) -> float:
-    return float(np.mean([dice(segs == label, gts == label) for label in range(1, int(gts.max()) + 1)]))
+    return float(np.mean([mask_dice(segs == label, gts == label) for label in range(1, int(gts.max()) + 1)]))
 
 
 @pytest.fixture(scope="module")

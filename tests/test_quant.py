@@ -181,7 +181,7 @@ def test_input_smoothing_leaves_the_float_function_unchanged(pretrained_model, d
     pass re-derives the factors instead of compounding them."""
     import dataclasses
 
-    from qmedsam.deploy.export_int8 import real_slices
+    from qmedsam.export.int8 import real_slices
     from qmedsam.model.calibrate import model_inputs, smooth_inputs, smoothed_layers
 
     model = build_quantized(dataclasses.replace(QuantSpec(), smooth_conv_inputs=True)).eval()
@@ -204,7 +204,7 @@ def test_input_smoothing_leaves_the_float_function_unchanged(pretrained_model, d
 
 
 def test_uncalibrated_model_is_refused_by_the_export(tmp_path):
-    from qmedsam.deploy.export_int8 import export_int8
+    from qmedsam.export.int8 import export_int8
 
     model = build_quantized(QuantSpec())
     with pytest.raises(UserFacingError, match="not calibrated"):
@@ -213,7 +213,7 @@ def test_uncalibrated_model_is_refused_by_the_export(tmp_path):
 
 
 def test_real_slices_from_cases_and_training_tree(demo_dir):
-    from qmedsam.deploy.export_int8 import real_slices
+    from qmedsam.export.int8 import real_slices
 
     cases = real_slices(demo_dir / "cases", limit=7, max_boxes=4)
     train = real_slices(demo_dir / "train", limit=7, max_boxes=4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmedsam.deploy.export_int8 import real_slices
+from qmedsam.export.int8 import real_slices
 from qmedsam.model import quant
 from qmedsam.model.calibrate import calibrate, model_inputs
 from qmedsam.train.reconstruct import encoder_units, reconstruct_decoder, reconstruct_encoder

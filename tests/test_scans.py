@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from qmedsam.cli import main
-from qmedsam.data.sources import ct_to_uint8, fetch_sources, percentile_to_uint8, read_members, to_zyx
+from qmedsam.datasets.recipes.sources import fetch_sources, read_members
 from qmedsam.scans.boxes import boxes_from_labels, read_boxes
+from qmedsam.scans.intensity import ct_to_uint8, percentile_to_uint8
+from qmedsam.scans.nifti import to_zyx
 from qmedsam.scans.orientation import VoxelMapping
 
 TS_REF = "totalsegmentator-2.18.0/tests/reference_files/"
@@ -80,9 +82,9 @@ def _npz_path_segs(image_path: Path, label_path: Path, model_dir: Path, ct: bool
     """The demo's npz construction on the same file (to_zyx, then the CT window or the MR percentiles)
     through the case path."""
     from qmedsam.data.cases import case_from_arrays
-    from qmedsam.data.demo import CT_WINDOW, MR_PERCENTILES, tight_boxes
-    from qmedsam.deploy.runtime import OpenVINOEngine
-    from qmedsam.deploy.segment import segment_case
+    from qmedsam.datasets.recipes.demo import CT_WINDOW, MR_PERCENTILES, tight_boxes
+    from qmedsam.inference.runtime import OpenVINOEngine
+    from qmedsam.inference.segment import segment_case
 
     volume, _ = to_zyx(nib.load(str(image_path)))
     gts, _ = to_zyx(nib.load(str(label_path)))
@@ -253,7 +255,7 @@ def dicom_series(tmp_path_factory) -> tuple[Path, Path, Path]:
     """TotalSegmentator's example CT DICOM series (20 slices, from the sdist): 4 consecutive slices copied to
     a folder (still one valid series), and 2 organs of the package's reference segmentation of it, stored as
     the package stores it (dicom2nifti's voxel order, j reversed) -> (full series dir, 4-slice dir, labels)."""
-    from qmedsam.data.sources import read_member_names
+    from qmedsam.datasets.recipes.sources import read_member_names
     from qmedsam.scans.dicom import read_dicom_series
     from qmedsam.scans.nifti import Scan, on_grid_of
 

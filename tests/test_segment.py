@@ -13,7 +13,7 @@ import numpy as np
 
 from qmedsam.data.cases import Case
 from qmedsam.data.preprocess import geometry_for, postprocess_logits
-from qmedsam.deploy.segment import segment_case
+from qmedsam.inference.segment import segment_case
 
 
 class BoxEngine:

@@ -11,9 +11,9 @@ import pytest
 
 from qmedsam import Segmenter
 from qmedsam.data.cases import CaseError, read_case
-from qmedsam.deploy.runtime import OpenVINOEngine
-from qmedsam.deploy.segment import segment_case
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.runtime import OpenVINOEngine
+from qmedsam.inference.segment import segment_case
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.export import SHIPPED_INT8_DIR, resolve_model_dir
+from qmedsam.engines import resolve_model_dir
+from qmedsam.inference.model_dir import SHIPPED_INT8_DIR
 
 BLOCK_TORCH = """\
 import sys

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import read_case, read_ground_truth
-from qmedsam.data.demo import tight_boxes
+from qmedsam.datasets.recipes.demo import tight_boxes
 
 
 def test_validation_split_becomes_cases_with_tight_boxes(train_tree_dir: Path, tmp_path: Path):

@@ -46,7 +46,6 @@ def _qmedsam(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 def test_stage_files_load_and_follow_the_seed_protocol():
     configs = {n: load_config(STAGES / f) for n, f in enumerate(sorted(p.name for p in STAGES.glob("stage*.yaml")), 1)}
-    assert [c.stage for c in configs.values()] == [1, 2, 3]
     one, two, three = configs[1], configs[2], configs[3]
     assert (one.quantize_encoder, one.quantize_decoder, one.train_encoder, one.train_decoder, one.teacher) == (
         True, False, True, False, True,

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from qmedsam.data.cases import load_npz
-from qmedsam.data.train_tree import FORMAT, MANIFEST_NAME, is_complete, pack_masks
+from qmedsam.datasets.manifest import MANIFEST_FORMAT as FORMAT
+from qmedsam.datasets.manifest import MANIFEST_NAME
+from qmedsam.datasets.recipes.train_tree import is_complete, pack_masks
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 // The Python predictor's pipeline in C++: the same preprocessing (qmedsam.data.preprocess), the same OpenVINO
-// configuration (qmedsam.deploy.runtime.OpenVINOEngine) and the same prompt rules (qmedsam.deploy.segment).
+// configuration (qmedsam.inference.runtime.OpenVINOEngine) and the same prompt rules (qmedsam.inference.segment).
 #pragma once
 
 #include <openvino/openvino.hpp>

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from qmedsam.version import __version__
 
 if TYPE_CHECKING:
     from qmedsam.segmenter import Segmenter

@@ -11,8 +11,8 @@ import importlib
 import logging
 import sys
 
-from qmedsam import __version__
 from qmedsam.errors import UserFacingError
+from qmedsam.version import __version__
 
 # Subcommand name -> module with `register(subparsers)`; the order is the order shown in --help.
 COMMANDS: dict[str, str] = {

@@ -17,10 +17,10 @@ import numpy as np
 
 from qmedsam.data.cases import Case, case_from_arrays, image_dimension, validated_image
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
-from qmedsam.deploy.export import ModelChoice, resolve_model_dir
-from qmedsam.deploy.runtime import Engine, OpenVINOEngine
-from qmedsam.deploy.segment import DEFAULT_BATCH, PROMPT_STRATEGIES, SliceEncoder, segment_case
+from qmedsam.engines import ModelChoice, load_engine, resolve_model_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.runtime import Engine
+from qmedsam.inference.segment import DEFAULT_BATCH, PROMPT_STRATEGIES, SliceEncoder, segment_case
 
 DEFAULT_CACHED_SLICES = 32
 """Embeddings kept by the interactive API: 4 MiB each, so 128 MiB at most."""
@@ -50,7 +50,7 @@ class Segmenter:
         if cached_slices < 1 or batch < 1:
             raise UserFacingError("cached_slices and batch must be at least 1")
         if engine is None:
-            engine = OpenVINOEngine(resolve_model_dir(model), precision=precision, num_threads=threads)
+            engine = load_engine(model, precision=precision, threads=threads)
         self.engine = engine
         self.cached_slices = cached_slices
         self.batch = batch

@@ -9,7 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from qmedsam.benchmark import EngineConfig, ProcessRun, time_cases, time_components, time_process
+from qmedsam.engines import resolve_model_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.evaluate.metrics import evaluate_folder, summarise
+from qmedsam.files import atomic_write_bytes
+from qmedsam.inference.machine import machine_line, machine_record
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,22 +83,15 @@ def _threads_note(threads: int | None) -> str:
 
 def _write_json(path: Path | None, payload: dict) -> None:
     if path is not None:
-        from qmedsam.data.cases import atomic_write_bytes
-        from qmedsam.deploy.bench import machine_record
-
         atomic_write_bytes(path, (json.dumps({"machine": machine_record(), **payload}, indent=2) + "\n").encode())
 
 
 def _model_dirs(models: list[str] | None) -> list[Path]:
     """-m values as predict reads them: 'int8' (default), 'fp32' or a model folder."""
-    from qmedsam.deploy.export import resolve_model_dir
-
     return [resolve_model_dir(model) for model in models or ["int8"]]
 
 
 def run_components(args: argparse.Namespace) -> int:
-    from qmedsam.deploy.bench import EngineConfig, time_components
-
     models = _model_dirs(args.model)
     configs = [EngineConfig("openvino", p, m) for m in models for p in args.precision]
     if args.torch:
@@ -105,7 +103,6 @@ def run_components(args: argparse.Namespace) -> int:
         meta = getattr(engine, "meta", {"precision": "fp32"})
         results.append({"config": config.label, "ir_precision": meta.get("precision"), **timing})
         print(f"measured {config.label}", file=sys.stderr)
-    from qmedsam.deploy.bench import machine_line
 
     base = results[0]
     print(f"\n{machine_line()}")
@@ -123,9 +120,6 @@ def run_components(args: argparse.Namespace) -> int:
 
 
 def run_cases(args: argparse.Namespace) -> int:
-    from qmedsam.deploy.bench import EngineConfig, time_cases
-    from qmedsam.evaluate.metrics import evaluate_folder, summarise
-
     case_paths = sorted(args.input.glob("*.npz"))
     if not case_paths:
         raise UserFacingError(f"{args.input}: no .npz case files")
@@ -153,7 +147,6 @@ def run_cases(args: argparse.Namespace) -> int:
     names = [p.name for p in case_paths]
     width = max(22, *(len(r["config"]) + 2 for r in rows))
     first = max(34, *(len(name) + 2 for name in names))
-    from qmedsam.deploy.bench import machine_line
 
     print(f"\n{machine_line()}")
     print(f"seconds per case (engine loaded once; prompt mode {args.prompt_mode}; {_threads_note(args.threads)})")
@@ -178,9 +171,6 @@ def run_cases(args: argparse.Namespace) -> int:
 
 
 def run_process(args: argparse.Namespace) -> int:
-    from qmedsam.deploy.bench import ProcessRun, machine_line, time_process
-    from qmedsam.deploy.export import resolve_model_dir
-
     if not args.input.exists():
         raise UserFacingError(f"{args.input}: no such case file or folder")
     if args.cpp is not None and not args.cpp.is_file():

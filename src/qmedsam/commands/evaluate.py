@@ -8,6 +8,16 @@ import os
 import sys
 from pathlib import Path
 
+from qmedsam.errors import UserFacingError
+from qmedsam.evaluate.metrics import evaluate_folder, read_timing, summarise
+from qmedsam.evaluate.report import (
+    format_table,
+    write_cases_csv,
+    write_html_report,
+    write_metrics_csv,
+    write_summary_json,
+)
+
 log = logging.getLogger(__name__)
 
 TOLERANCE_MM = 2.0  # = qmedsam.evaluate.metrics.TOLERANCE_MM; not imported here so --help stays numpy-free
@@ -108,16 +118,6 @@ def _print_list(title: str, items: list[str], limit: int = 20) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmedsam.errors import UserFacingError
-    from qmedsam.evaluate.metrics import evaluate_folder, read_timing, summarise
-    from qmedsam.evaluate.report import (
-        format_table,
-        write_cases_csv,
-        write_html_report,
-        write_metrics_csv,
-        write_summary_json,
-    )
-
     try:
         import scipy.ndimage  # noqa: F401  (distance transforms; not a core dependency)
 

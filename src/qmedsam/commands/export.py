@@ -13,7 +13,15 @@ import json
 import sys
 from pathlib import Path
 
+from qmedsam.data.cases import CaseError, read_case
 from qmedsam.errors import UserFacingError
+from qmedsam.export.fp32 import export_float, portable_path, pretrained_source
+from qmedsam.export.int8 import export_int8, real_slices
+from qmedsam.export.int8_parity import ParityThresholds
+from qmedsam.export.parity import ParitySample
+from qmedsam.export.ptq import export_ptq
+from qmedsam.export.staging import check_replaceable
+from qmedsam.files import sha256_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -115,9 +123,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
     """2D cases as they are, 3D cases as the middle slice of their first box (xy part); at most
     `max_boxes` boxes each, which is plenty to compare engines and keeps the check fast."""
-    from qmedsam.data.cases import CaseError, read_case
-    from qmedsam.deploy.export import ParitySample
-
     samples = []
     for path in sorted(folder.glob("*.npz"))[:limit]:
         try:
@@ -138,34 +143,26 @@ def parity_samples_from(folder: Path, limit: int = 6, max_boxes: int = 8):
 
 def _command(args: argparse.Namespace) -> str:
     """The export command as typed (paths made portable), so a model says how it was made."""
-    from qmedsam.deploy.export import portable_path
-
     words = [portable_path(word) if word.startswith("/") else word for word in getattr(args, "argv", [])]
     return " ".join(["qmedsam", *words])
 
 
 def _source(args: argparse.Namespace) -> dict:
-    from qmedsam.deploy.export import portable_path, pretrained_source
-    from qmedsam.model.weights import sha256_of
-
     checkpoint = args.checkpoint
     source = (
         pretrained_source()
         if checkpoint is None
         else {
             "weights": portable_path(checkpoint),
-            "sha256": sha256_of(checkpoint),
+            "sha256": sha256_file(checkpoint),
         }
     )
     return {**source, "command": _command(args)}
 
 
 def _int8_parity_samples(args: argparse.Namespace):
-    from qmedsam.deploy.export_int8 import real_slices
-
     if args.parity_cases:
         return parity_samples_from(args.parity_cases), "cases"
-    from qmedsam.deploy.export import portable_path
 
     return real_slices(args.calib, limit=6, max_boxes=8), f"slices of {portable_path(args.calib)}"
 
@@ -173,7 +170,6 @@ def _int8_parity_samples(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.calib is not None and not args.calib.is_dir():
         raise UserFacingError(f"--calib {args.calib}: not a folder")
-    from qmedsam.deploy.export import check_replaceable
 
     check_replaceable(args.out, args.force)  # before minutes of work, and again before the swap
     if args.quant is not None:
@@ -181,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.ptq:
         meta = run_ptq(args)
     else:
-        from qmedsam.deploy.export import export_float
         from qmedsam.model.litemedsam import load_pretrained_litemedsam
 
         model = load_pretrained_litemedsam(args.checkpoint)
@@ -198,9 +193,6 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     """QuantSpec + (QAT checkpoint | float weights calibrated on --calib) -> Brevitas QCDQ -> int8 IR."""
     import torch
 
-    from qmedsam.deploy.export import portable_path
-    from qmedsam.deploy.export_int8 import export_int8, real_slices
-    from qmedsam.deploy.int8_parity import ParityThresholds
     from qmedsam.model.calibrate import calibrate, model_inputs
     from qmedsam.model.quant import QuantSpec, load_litemedsam, uncalibrated_quantizers
 
@@ -238,8 +230,6 @@ def run_brevitas(args: argparse.Namespace) -> dict:
 
 def run_ptq(args: argparse.Namespace) -> dict:
     """Float weights -> fp32 IR -> nncf.quantize (TRANSFORMER) on --calib -> int8 IR."""
-    from qmedsam.deploy.export_int8 import real_slices
-    from qmedsam.deploy.ptq import export_ptq
     from qmedsam.model.litemedsam import load_pretrained_litemedsam
 
     if args.calib is None:

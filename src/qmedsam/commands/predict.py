@@ -10,7 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+from qmedsam.commands.predict_scan import run_scan
+from qmedsam.data.cases import CaseError, modality_of, read_case, write_segmentation
+from qmedsam.engines import load_engine
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_write_bytes
+from qmedsam.inference.overlays import write_overlay
+from qmedsam.inference.runtime import Engine
+from qmedsam.inference.segment import segment_case
+from qmedsam.scans.dicom import is_dicom_folder
+from qmedsam.scans.nifti import is_nifti
 
 log = logging.getLogger("qmedsam.predict")
 
@@ -97,21 +106,11 @@ def list_cases(input_path: Path) -> list[Path]:
     return cases
 
 
-def build_engine(args: argparse.Namespace):
-    from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
-
-    if args.engine == "torch":
-        if args.model is not None:
-            raise UserFacingError("-m is an OpenVINO model directory; with --engine torch use --checkpoint")
-        from qmedsam.model.litemedsam import load_pretrained_litemedsam
-
-        return TorchEngine(load_pretrained_litemedsam(args.checkpoint), args.threads)
-    if args.checkpoint is not None:
-        raise UserFacingError("--checkpoint applies to --engine torch; export it with `qmedsam export` for OpenVINO")
-    from qmedsam.deploy.export import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    return OpenVINOEngine(model_dir, precision=args.precision, num_threads=args.threads)
+def build_engine(args: argparse.Namespace) -> Engine:
+    """The engine `-m`, `--engine`, `--precision`, `--threads` and `--checkpoint` ask for."""
+    return load_engine(
+        args.model, engine=args.engine, precision=args.precision, threads=args.threads, checkpoint=args.checkpoint
+    )
 
 
 TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status", "message"]
@@ -119,8 +118,6 @@ TIMING_FIELDS = ["case", "dimension", "modality", "objects", "seconds", "status"
 
 def write_timing(path: Path, rows: list[dict[str, object]]) -> None:
     """timing.csv with every row so far, replaced atomically (readers never see half a row)."""
-    from qmedsam.data.cases import atomic_write_bytes
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=TIMING_FIELDS)
     writer.writeheader()
@@ -129,12 +126,7 @@ def write_timing(path: Path, rows: list[dict[str, object]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qmedsam.scans.dicom import is_dicom_folder
-    from qmedsam.scans.nifti import is_nifti
-
     if is_nifti(args.input) or is_dicom_folder(args.input):
-        from qmedsam.commands.predict_scan import run_scan
-
         return run_scan(args, build_engine)
     if args.boxes is not None or args.boxes_from is not None:
         raise UserFacingError("--boxes / --boxes-from apply to a NIfTI scan or DICOM series; case files carry boxes")
@@ -143,10 +135,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_cases(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from qmedsam.data.cases import CaseError, modality_of, read_case, write_segmentation
-    from qmedsam.deploy.overlays import write_overlay
-    from qmedsam.deploy.segment import segment_case
 
     if args.batch < 1:
         raise UserFacingError("--batch must be at least 1")

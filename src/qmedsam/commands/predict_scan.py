@@ -9,7 +9,15 @@ import sys
 import time
 from collections.abc import Callable
 
+from qmedsam.data.cases import CaseError
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_write_bytes, sha256_file
+from qmedsam.inference.segment_scan import segment_scan
+from qmedsam.scans.boxes import boxes_from_labels, read_boxes
+from qmedsam.scans.dicom import read_dicom_series, write_dicom_seg
+from qmedsam.scans.intensity import parse_window
+from qmedsam.scans.nifti import is_nifti, nifti_stem, on_grid_of, read_nifti, write_label_nifti
+from qmedsam.version import __version__
 
 
 def _require_nibabel() -> None:
@@ -20,15 +28,6 @@ def _require_nibabel() -> None:
 
 
 def run_scan(args: argparse.Namespace, build_engine: Callable[[argparse.Namespace], object]) -> int:
-    from qmedsam import __version__
-    from qmedsam.data.cases import CaseError, atomic_write_bytes
-    from qmedsam.data.sources import sha256_file
-    from qmedsam.scans.boxes import boxes_from_labels, read_boxes
-    from qmedsam.scans.dicom import read_dicom_series, write_dicom_seg
-    from qmedsam.scans.intensity import parse_window
-    from qmedsam.scans.nifti import is_nifti, nifti_stem, on_grid_of, read_nifti, write_label_nifti
-    from qmedsam.scans.segment_scan import segment_scan
-
     _require_nibabel()
     if args.boxes is None and args.boxes_from is None:
         raise UserFacingError("boxes are required: --boxes or --boxes-from")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qmedsam.errors import UserFacingError
+from qmedsam.train.config import load_config
+
 STAGE_FILES = {
     1: "stage1_quant_encoder.yaml",
     2: "stage2_quant_decoder.yaml",
@@ -56,8 +59,6 @@ def register(subparsers) -> None:
 
 
 def _parse_stages(text: str) -> list[int]:
-    from qmedsam.errors import UserFacingError
-
     try:
         stages = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -70,8 +71,6 @@ def _parse_stages(text: str) -> list[int]:
 def run(args) -> int:
     import dataclasses
 
-    from qmedsam.errors import UserFacingError
-    from qmedsam.train.config import load_config
     from qmedsam.train.loop import dist_env, train
 
     if args.stages is None:

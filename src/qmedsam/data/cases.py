@@ -7,31 +7,14 @@ case and say exactly why. Recoverable oddities (a box partly outside the image) 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 
 from qmedsam.data.npz import NpzError, read_npz
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def normal_permissions(path: str | os.PathLike, directory: bool = False) -> None:
-    """The permissions a plain `open`/`mkdir` would give (mkstemp/mkdtemp make 0600/0700), so outputs and
-    model directories are readable by other users, e.g. a non-root container user."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
-
-
-def _publish(tmp_name: str, path: Path) -> None:
-    """Give the temporary file normal permissions and rename it into place."""
-    normal_permissions(tmp_name)
-    os.replace(tmp_name, path)
-
+from qmedsam.files import atomic_savez
 
 MAX_IMAGE_AXIS = 65_535  # voxels along any image axis (OpenCV and the C++ predictor index with int)
 MAX_BOX_COORDINATE = 2**31 - 1  # a box value past this is no pixel coordinate (and would wrap in int64 casts)
@@ -257,32 +240,6 @@ def read_ground_truth(path: str | os.PathLike, key: str = "gts") -> np.ndarray:
     if labels.size and labels.min() < 0:
         raise CaseError(f"{path}: key '{key}' has negative labels; expected 0 (background) and 1..N")
     return labels
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call `write(handle)` on a temporary file in the same folder, then rename it into place, so readers
-    never see half a file (the one mechanism behind every qmedsam output: npz, npy, JSON, PNG, checkpoints)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        _publish(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> Path:
-    """Write an npz atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda handle: (np.savez_compressed if compressed else np.savez)(handle, **arrays))
-
-
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write bytes atomically (used for PNG, CSV and JSON outputs)."""
-    return atomic_write(path, lambda handle: handle.write(payload))
 
 
 def write_segmentation(out_dir: str | os.PathLike, case_name: str, segs: np.ndarray) -> Path:

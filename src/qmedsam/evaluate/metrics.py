@@ -29,8 +29,11 @@ from typing import Literal
 
 import numpy as np
 
+from qmedsam.data.cases import CaseError, modality_of, read_ground_truth
+from qmedsam.data.npz import NpzError, read_npz
 from qmedsam.errors import UserFacingError
-from qmedsam.scans.nifti import is_nifti
+from qmedsam.evaluate.surface import surface_dice_from, surface_distances
+from qmedsam.scans.nifti import is_nifti, read_nifti
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,17 @@ def _as_label_array(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; two empty masks agree fully (1.0)."""
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 2.0 * int(np.count_nonzero(np.logical_and(a, b))) / total if total else 1.0
+
+
+def mean_mask_dice(masks: np.ndarray, reference: np.ndarray) -> float:
+    """Mean per-object `mask_dice` of two (B, ...) boolean mask stacks: how far two engines or models agree."""
+    return float(np.mean([mask_dice(a, b) for a, b in zip(masks, reference, strict=True)]))
+
+
 def dice_per_label(gt: np.ndarray, pred: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DSC, gt voxel counts and pred voxel counts for labels 1..n_labels, in one pass each.
 
@@ -166,8 +180,6 @@ def nsd_per_label(
 
     0 where exactly one side has the label, NaN where neither has it.
     """
-    from qmedsam.evaluate.surface import surface_dice_from, surface_distances
-
     labels = list(labels)
     if not labels:
         return {}
@@ -264,9 +276,6 @@ def dimension_of(name: str, ndim: int) -> int:
 
 def _read_spacing(path: Path) -> np.ndarray | None:
     """Only the `spacing` member of the npz (under the npz contract), so big images are not read for it."""
-    from qmedsam.data.cases import CaseError
-    from qmedsam.data.npz import NpzError, read_npz
-
     try:
         return read_npz(path, keys=("spacing",)).get("spacing")
     except (NpzError, OSError) as exc:
@@ -296,8 +305,6 @@ def check_spacing_order(spacing: Sequence[float], shape: Sequence[int]) -> str |
 
 def resolve_spacing(task: CaseTask, shape: tuple[int, ...]) -> tuple[tuple[float, float, float], str, list[str]]:
     """3D spacing in array order: from the gt file, else from the case file; validated and reordered."""
-    from qmedsam.data.cases import CaseError
-
     sources = [("gt", task.gt_path)] + ([("images", task.image_path)] if task.image_path else [])
     raw, source, source_path = None, None, None
     for source_name, path in sources:
@@ -331,9 +338,6 @@ def resolve_spacing(task: CaseTask, shape: tuple[int, ...]) -> tuple[tuple[float
 
 def read_nifti_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """A label NIfTI -> (integer labels in file voxel order, voxel sizes of those axes in mm, affine)."""
-    from qmedsam.data.cases import CaseError
-    from qmedsam.scans.nifti import read_nifti
-
     try:
         scan = read_nifti(path)  # a 3D volume (a trailing axis of 1 dropped), numeric and finite
     except ImportError:
@@ -353,13 +357,10 @@ def read_nifti_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float
 
 def evaluate_task(task: CaseTask) -> CaseResult:
     """Evaluate one case from its files; every problem becomes `error` (the batch goes on)."""
-    from qmedsam.data.cases import CaseError, modality_of
-
     result = CaseResult(case=task.name, modality=modality_of(task.name))
     try:
         if is_nifti(task.gt_path):
             return _evaluate_nifti(task, result)
-        from qmedsam.data.cases import read_ground_truth
 
         gt = read_ground_truth(task.gt_path, task.gt_key)
         pred = read_ground_truth(task.pred_path, task.pred_key)
@@ -406,8 +407,6 @@ def evaluate_task(task: CaseTask) -> CaseResult:
 
 def _evaluate_nifti(task: CaseTask, result: CaseResult) -> CaseResult:
     """A NIfTI label map against a NIfTI prediction on the same grid; spacing = the header's voxel sizes."""
-    from qmedsam.data.cases import CaseError
-
     gt, zooms, affine = read_nifti_labels(task.gt_path)
     if not is_nifti(task.pred_path):
         raise CaseError(f"{task.pred_path}: expected a NIfTI prediction for the NIfTI ground truth {task.gt_path}")
@@ -506,8 +505,6 @@ def evaluate_folder(
 
 
 def _modality(name: str) -> str:
-    from qmedsam.data.cases import modality_of
-
     return modality_of(name)
 
 

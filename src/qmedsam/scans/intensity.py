@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from qmedsam.data.sources import ct_to_uint8, percentile_to_uint8
 from qmedsam.errors import UserFacingError
 
 CT_PRESETS: dict[str, tuple[float, float]] = {  # name: (width, level) in HU
@@ -67,3 +66,18 @@ def to_uint8(volume: np.ndarray, window: str | tuple[float, float], modality: st
     width, level = CT_PRESETS[window] if isinstance(window, str) else window
     record = {"method": "CT window", "preset": name, "width": width, "level": level, "unit": "HU", "why": reason}
     return ct_to_uint8(volume, level=level, width=width), record
+
+
+def ct_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    lo = level - width / 2.0
+    scaled = (np.clip(hu.astype(np.float64), lo, lo + width) - lo) / width * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def percentile_to_uint8(image: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float, float]:
+    values = image.astype(np.float64)
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+    if hi <= lo:
+        hi = lo + 1.0
+    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8), lo, hi

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from qmedsam.data.cases import atomic_write_bytes, segmentation_dtype
+from qmedsam.data.cases import segmentation_dtype
 from qmedsam.data.npz import MAX_BYTES_ENV, max_case_bytes
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_write_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -121,3 +122,16 @@ def write_label_nifti(labels: np.ndarray, like: Scan, path: Path) -> None:
     out.header["descrip"] = b"qmedsam labels"
     payload = out.to_bytes()
     atomic_write_bytes(path, gzip.compress(payload, mtime=0) if Path(path).name.endswith(".gz") else payload)
+
+
+def to_zyx(img) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """NIfTI -> (z, y, x) array in the module's orientation and its spacing in array order (mm)."""
+    import nibabel as nib
+
+    canonical = nib.as_closest_canonical(img)
+    data = np.asarray(canonical.dataobj)
+    if data.ndim != 3:
+        raise UserFacingError(f"expected a 3D volume, got shape {data.shape}")
+    zooms = [float(z) for z in canonical.header.get_zooms()[:3]]  # RAS axes: x, y, z
+    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, ::-1])
+    return array, (zooms[2], zooms[1], zooms[0])

@@ -26,9 +26,6 @@ class ConfigError(UserFacingError):
 class TrainConfig:
     """Keys of one stage. Paths are resolved against the config file's folder when relative."""
 
-    stage: int = 1
-    """1: quantized encoder trained with the teacher; 2: encoder + decoder quantized, decoder trained;
-    3: both trained with the teacher (the seed's protocol)."""
     quant_spec: str | None = None
     """QuantSpec YAML (null: QuantSpec's defaults, = configs/quant/w8a8_per_channel.yaml);
     `quantize_encoder` / `quantize_decoder` switch its parts on or off."""
@@ -102,11 +99,8 @@ class TrainConfig:
     """auto (cuda when available), cpu, cuda or cuda:N; under torchrun each rank uses its LOCAL_RANK GPU."""
     threads: int | None = None
     """torch intra-op threads per process (null: torch's default)."""
-    log_every_steps: int = 10
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
         if not (self.train_encoder or self.train_decoder or self.train_prompt_encoder):
             raise ConfigError("nothing to train: set train_encoder, train_decoder or train_prompt_encoder")
         positive = (
@@ -114,7 +108,6 @@ class TrainConfig:
             "image_size",
             "calib_slices",
             "checkpoint_every_steps",
-            "log_every_steps",
             "reconstruct_images",
             "reconstruct_steps",
             "reconstruct_batch_size",

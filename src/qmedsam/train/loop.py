@@ -7,7 +7,7 @@ logs, validates and writes checkpoints; the others wait at barriers.
 
 Checkpoints (`out_dir/last.pt`, `best.pt`, `init.pt`; atomic writes, `torch.load(weights_only=True)`) hold
 model, optimizer, scheduler epoch, step, position in the epoch, config, sampler seed and RNG state. Sample
-randomness is a pure function of (seed, epoch, index) (see `qmedsam.data.datasets`), so `--resume` from a
+randomness is a pure function of (seed, epoch, index) (see `qmedsam.datasets.modality`), so `--resume` from a
 mid-epoch checkpoint replays the remaining batches exactly: the loss trajectory continues as if the run
 had never stopped. A non-finite loss stops the run before the optimizer step, leaving the last good
 checkpoint untouched.
@@ -32,7 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_write
+from qmedsam.model.weights import pretrained_weights_path
 from qmedsam.train.config import TrainConfig
+from qmedsam.train.progress import RunLog
+from qmedsam.train.validate import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,6 @@ def lr_factor(epoch: int, config: TrainConfig) -> float:
 
 
 def atomic_torch_save(payload: Any, path: Path) -> None:
-    from qmedsam.data.cases import atomic_write
-
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
@@ -150,7 +152,6 @@ def build_student(config: TrainConfig, calibration_batches, decoder_samples=()) 
     from qmedsam.model import quant
     from qmedsam.model.calibrate import calibrate
     from qmedsam.model.litemedsam import load_state_dict_file
-    from qmedsam.model.weights import pretrained_weights_path
 
     spec = quant_spec_for(config)
     source = Path(config.init_checkpoint) if config.init_checkpoint else pretrained_weights_path()
@@ -283,7 +284,7 @@ def _config_dict(config: TrainConfig) -> dict:
 
 
 def make_dataset(config: TrainConfig):
-    from qmedsam.data.datasets import GatherModalityDataset
+    from qmedsam.datasets.modality import GatherModalityDataset
 
     return GatherModalityDataset(
         config.data_root,
@@ -313,9 +314,7 @@ def train(config: TrainConfig, resume: Path | None = None, keep_process_group: b
     from torch.utils.data.distributed import DistributedSampler
 
     from qmedsam.train.losses import qmedsam_loss
-    from qmedsam.train.progress import RunLog
     from qmedsam.train.teacher import Teacher
-    from qmedsam.train.validate import ValidationSet
 
     env = dist_env()
     device = pick_device(config.device, env)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmedsam.data.cases import atomic_write
+from qmedsam.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qmedsam.evaluate.metrics import mean_mask_dice
+
 log = logging.getLogger(__name__)
 
 Unit = tuple[str, Callable[[torch.Tensor], torch.Tensor], nn.Module]
@@ -153,13 +155,6 @@ def reconstruct_encoder(
     return report
 
 
-def relative_encoder_error(student: nn.Module, float_model: nn.Module, images: Sequence[torch.Tensor]) -> float:
-    """Mean relative squared error of the student's embeddings against the float model's (a cheap proxy)."""
-    with torch.no_grad():
-        errors = [_relative_error(student.encode(x), float_model.encode(x)) for x in images]
-    return float(sum(errors) / len(errors))
-
-
 @dataclass(frozen=True)
 class DecoderReconstructionReport:
     samples: int
@@ -203,8 +198,6 @@ def reconstruct_decoder(
     """
     import torch.nn.functional as F
 
-    from qmedsam.deploy.precision import mask_agreement
-
     generator = torch.Generator().manual_seed(seed)
     student.eval()
     float_model.eval()
@@ -235,7 +228,7 @@ def reconstruct_decoder(
         if not indices:
             return math.nan, math.nan
         logits = in_chunks(student, q_embeddings, indices)
-        agreement = mask_agreement((logits > 0).numpy(), (targets[indices] > 0).numpy())
+        agreement = mean_mask_dice((logits > 0).numpy(), (targets[indices] > 0).numpy())
         return agreement, float(soft_label_bce(logits, indices))
 
     (before, loss_before), (held_before, _) = scores(trained), scores(held)

@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qmedsam.data.cases import atomic_write
-from qmedsam.data.sources import sha256_file
+from qmedsam.files import atomic_write, sha256_file
 from qmedsam.model.litemedsam import LiteMedSAM, load_pretrained_litemedsam
+from qmedsam.model.weights import pretrained_weights_path
 
 
 class Teacher:
     """Frozen fp32 LiteMedSAM: `embed(images, keys, flips)` (cached) and `decode(embeddings, boxes)`."""
 
     def __init__(self, cache_dir: Path | None, weights: Path | None = None, device: torch.device | None = None):
-        from qmedsam.model.weights import pretrained_weights_path
-
         path = Path(weights) if weights is not None else pretrained_weights_path()
         self.device = device or torch.device("cpu")
         self.model: LiteMedSAM = load_pretrained_litemedsam(path).to(self.device).eval()

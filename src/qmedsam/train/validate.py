@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.cases import Case, load_npz
-from qmedsam.data.demo import promptable_labels, relabel, tight_boxes
-from qmedsam.data.train_tree import labelled_split_entries
+from qmedsam.datasets.manifest import labelled_split_entries
+from qmedsam.datasets.recipes.demo import promptable_labels, relabel, tight_boxes
+from qmedsam.evaluate.metrics import evaluate_arrays
+from qmedsam.inference.runtime import TorchEngine
+from qmedsam.inference.segment import segment_2d
 from qmedsam.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,10 +79,6 @@ class ValidationSet:
 
     def score(self, model) -> dict[str, float]:
         import torch
-
-        from qmedsam.deploy.runtime import TorchEngine
-        from qmedsam.deploy.segment import segment_2d
-        from qmedsam.evaluate.metrics import evaluate_arrays
 
         engine = TorchEngine(model)
         dscs, nsds = [], []

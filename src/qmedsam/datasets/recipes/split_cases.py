@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.cases import atomic_savez, atomic_write_bytes, load_npz
-from qmedsam.data.demo import promptable_labels, relabel, tight_boxes
-from qmedsam.data.sources import ensure_writable_dir
-from qmedsam.data.train_tree import labelled_split_entries
+from qmedsam.data.cases import load_npz
+from qmedsam.datasets.manifest import labelled_split_entries
+from qmedsam.datasets.recipes.demo import promptable_labels, relabel, tight_boxes
+from qmedsam.datasets.recipes.sources import ensure_writable_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_savez, atomic_write_bytes
 
 MIN_LABEL_VOXELS = 10
 

@@ -9,54 +9,17 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.runtime import Engine
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-"""What decides int8 / bf16 speed on x86: VNNI (int8 dot products), AVX-512 BF16, AMX (int8 / bf16 tiles)."""
-
-
-def cpu_flags() -> dict[str, bool]:
-    """Which of CPU_FLAGS this CPU reports (Linux /proc/cpuinfo; all False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            line = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        line = ""
-    present = set(line.partition(":")[2].split())
-    return {flag: flag in present for flag in CPU_FLAGS}
-
-
-def machine_record() -> dict:
-    """The machine every figure comes from (name, cores, the flags that matter)."""
-    import os
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "flags": cpu_flags()}
-
-
-def machine_line() -> str:
-    record = machine_record()
-    flags = ", ".join(f"{name} {'yes' if value else 'no'}" for name, value in record["flags"].items())
-    return f"CPU: {record['cpu']}, {record['cores']} cores; {flags}"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (every figure says which machine it comes from)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from qmedsam.data.cases import read_case, write_segmentation
+from qmedsam.engines import load_engine
+from qmedsam.inference.machine import samples_ms, spread
+from qmedsam.inference.model_dir import default_model_dir
+from qmedsam.inference.runtime import Engine
+from qmedsam.inference.segment import segment_case
 
 
 @dataclass(frozen=True)
@@ -72,7 +35,6 @@ class EngineConfig:
         base = "torch" if self.kind == "torch" else f"openvino:{self.precision}"
         if self.model_dir is None:
             return base
-        from qmedsam.deploy.export import default_model_dir
 
         name = "fp32" if self.model_dir == default_model_dir() else self.model_dir.name  # not the cache's long name
         return f"{base}@{name}"
@@ -85,33 +47,10 @@ class EngineConfig:
         return cls(kind, precision or "f32", None if kind == "torch" else model_dir)
 
     def build(self, num_threads: int | None = None) -> Engine:
-        from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
-
         if self.kind == "torch":
-            return TorchEngine.pretrained(num_threads)
-        from qmedsam.deploy.export import ensure_fp32_model
+            return load_engine(engine="torch", threads=num_threads)
 
-        return OpenVINOEngine(self.model_dir or ensure_fp32_model(), self.precision, num_threads)
-
-
-def samples_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    return statistics.median(samples_ms(fn, repeats, warmup))
-
-
-def spread(samples: list[float]) -> float:
-    """Max minus min of the timed repeats (how much one figure can be trusted)."""
-    return max(samples) - min(samples)
+        return load_engine(self.model_dir or "fp32", precision=self.precision, threads=num_threads)
 
 
 def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ...] = (1, 16)) -> dict[str, float]:
@@ -174,9 +113,6 @@ def time_process(run: ProcessRun, input_path: Path, scratch: Path, repeats: int)
 
 def time_cases(engine: Engine, case_paths: list[Path], out_dir: Path, prompt_mode: str = "fixed") -> dict[str, float]:
     """Seconds per case (read + segment + write; engine already loaded), predictions written to `out_dir`."""
-    from qmedsam.data.cases import read_case, write_segmentation
-    from qmedsam.deploy.segment import segment_case
-
     seconds = {}
     for path in case_paths:
         start = time.perf_counter()

@@ -17,7 +17,7 @@ import numpy as np
 
 from qmedsam.data.cases import Case, segmentation_dtype
 from qmedsam.data.preprocess import Geometry, postprocess_logits, preprocess_image, propagation_box, scale_boxes
-from qmedsam.deploy.runtime import Engine
+from qmedsam.inference.runtime import Engine
 
 DEFAULT_BATCH = 16
 

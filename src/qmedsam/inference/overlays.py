@@ -7,7 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from qmedsam.data.cases import Case, atomic_write_bytes
+from qmedsam.data.cases import Case
+from qmedsam.files import atomic_write_bytes
 
 MAX_TILES = 16
 TILE_HEIGHT = 320

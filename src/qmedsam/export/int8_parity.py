@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from qmedsam.data.preprocess import preprocess_image
-from qmedsam.deploy.export import ParitySample, compare_engines
+from qmedsam.export.parity import ParitySample, compare_engines
+from qmedsam.inference.machine import exact_int8_dot_products
+from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
 ENCODER_UNIT = re.compile(r"^/(patch_embed|neck|layers\.\d+/(?:blocks\.\d+|downsample))/")
 """ONNX node-name scopes (TorchScript exporter) of the encoder blocks checked one by one."""
@@ -236,8 +238,6 @@ def write_decomposed_copy(model_dir: Path, target: Path) -> Path:
 def ir_to_check(model_dir: Path, scratch: Path) -> Path:
     """The model folder the parity checks run: the IR itself where this CPU's int8 kernels add exactly, else
     its copy with FakeQuantize spelled out (`decompose_fake_quantize`) written under `scratch`."""
-    from qmedsam.deploy.precision import exact_int8_dot_products
-
     return Path(model_dir) if exact_int8_dot_products() else write_decomposed_copy(Path(model_dir), scratch / "fq")
 
 
@@ -258,8 +258,6 @@ def int8_parity(
     (`decompose_fake_quantize`) and what this CPU's int8 kernels give end to end is recorded beside them.
     """
     import tempfile
-
-    from qmedsam.deploy.runtime import OpenVINOEngine, TorchEngine
 
     reference = TorchEngine(model, name="torch-brevitas-fakequant")
     with tempfile.TemporaryDirectory() as scratch:

@@ -12,7 +12,7 @@ set of the same patient) carries the same `source_volume` and lands in the same 
 that a `qmedsam data demo` case is made from is in `validation`, so no slice of a demo case, and no
 other view of its patient, is trained on. Unlabelled images are all `train`.
 
-Sources (pinned archives, fetched with pip and checked like the demo's; see `qmedsam.data.sources`):
+Sources (pinned archives, fetched with pip and checked like the demo's; see `qmedsam.datasets.recipes.sources`):
 - TotalSegmentator 2.18.0 sdist: every example CT/MR volume with its segmentation, all classes
   (TotalSegmentator model output, not manual), the cropped report volumes and the CT DICOM series;
   where binary masks of one grid overlap, they are packed into several label files of the same image;
@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.cases import atomic_savez, atomic_write_bytes, segmentation_dtype
-from qmedsam.data.demo import (
+from qmedsam.data.cases import segmentation_dtype
+from qmedsam.datasets.manifest import MANIFEST_FORMAT, MANIFEST_NAME, load_manifest
+from qmedsam.datasets.recipes.demo import (
     CT_WINDOW,
     MR_PERCENTILES,
     ORIENTATION,
@@ -48,26 +49,27 @@ from qmedsam.data.demo import (
     nuclei_case,
     ts_class_map,
 )
-from qmedsam.data.sources import (
+from qmedsam.datasets.recipes.sources import (
     SOURCES,
     Source,
-    ct_to_uint8,
     ensure_writable_dir,
     fetch_sources,
     load_nifti,
     member_record,
-    percentile_to_uint8,
+    read_member_names,
     read_members,
     source_record,
-    to_zyx,
 )
 from qmedsam.errors import UserFacingError
+from qmedsam.evaluate.metrics import mask_dice
+from qmedsam.files import atomic_savez, atomic_write_bytes
+from qmedsam.scans.intensity import ct_to_uint8, percentile_to_uint8
+from qmedsam.scans.nifti import to_zyx
 
 log = logging.getLogger(__name__)
 
-FORMAT = "qmedsam training tree"
+
 RECIPE_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TRAIN_SOURCES = ("totalsegmentator", "stardist", "nilearn", "pydicom-data", "scikit-image")
 # An object must be a usable prompt target: at least this many voxels and a box at least 2 px wide.
 MIN_OBJECT_VOXELS = 10
@@ -185,11 +187,6 @@ def _usable(mask: np.ndarray) -> bool:
     return int(np.count_nonzero(mask)) >= MIN_OBJECT_VOXELS and extent_ok(mask)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 2.0 * int(np.count_nonzero(a & b)) / total if total else 1.0
-
-
 def pack_masks(masks: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[np.ndarray, dict[str, str]]], dict[str, str]]:
     """Binary masks of one grid -> label maps in which no two objects overlap, plus what was dropped.
 
@@ -207,7 +204,7 @@ def pack_masks(masks: list[tuple[str, np.ndarray]]) -> tuple[list[tuple[np.ndarr
         if not _usable(mask):
             dropped[name] = f"fewer than {MIN_OBJECT_VOXELS} voxels or under 2 px wide"
             continue
-        if any(_dice(mask, other) >= DUPLICATE_DICE for other in kept):
+        if any(mask_dice(mask, other) >= DUPLICATE_DICE for other in kept):
             dropped[name] = f"duplicate of another mask (Dice >= {DUPLICATE_DICE})"
             continue
         kept.append(mask)
@@ -415,8 +412,6 @@ _TS_VOLUMES = (
 
 
 def _totalseg_cases(archive: Path) -> list[TreeCase]:
-    from qmedsam.data.sources import read_member_names
-
     dicom_members = sorted(n for n in read_member_names(archive) if n.startswith(_DICOM_SERIES) and n != _DICOM_SERIES)
     wanted = [_CLASS_MAP, _REF + "example_seg_dicom.nii.gz", *dicom_members]
     for spec in _TS_VOLUMES:
@@ -730,31 +725,6 @@ def counts(entries: Iterable[dict]) -> dict[str, dict[str, dict[str, int]]]:
     }
 
 
-def load_manifest(out_dir: Path) -> dict | None:
-    try:
-        manifest = json.loads((Path(out_dir) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def labelled_split_entries(root: Path, split: str) -> list[dict]:
-    """Manifest entries of the labelled files of `split` in a training tree; a clear error when there are none."""
-    path = Path(root) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserFacingError(
-            f"{path}: not a training tree manifest (build one with `qmedsam data train`): {exc}"
-        ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("cases"), list):
-        raise UserFacingError(f"{path}: expected key 'cases' with a list of files")
-    entries = [e for e in manifest["cases"] if e.get("split") == split and e.get("labelled")]
-    if not entries:
-        raise UserFacingError(f"{path}: no labelled files in split {split!r}")
-    return entries
-
-
 def is_complete(out_dir: Path) -> bool:
     """True when `out_dir` holds a build of this recipe, every file present at its recorded size."""
     manifest = load_manifest(out_dir)
@@ -792,7 +762,7 @@ def build_train_tree(out_dir: Path, cache_dir: Path | None = None, *, force: boo
         if isinstance(rel, str) and rel not in new_files and not Path(rel).is_absolute() and ".." not in rel:
             (out_dir / rel).unlink(missing_ok=True)
     manifest = {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "recipe": recipe(),
         "split_rule": (
             "by source volume: every file made from one scan shares `source_volume` and its split; every volume "

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.export import ParitySample, base_meta, convert_float, staged_directory, write_meta
-from qmedsam.deploy.export_int8 import verify_ir
+from qmedsam.export.fp32 import base_meta, convert_float, write_meta
+from qmedsam.export.int8 import verify_ir
+from qmedsam.export.parity import ParitySample
+from qmedsam.export.staging import staged_directory
+from qmedsam.inference.runtime import TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ def export_ptq(
     measured 0.84-0.90 on the small demo slices with 2-8 calibration slices, while the default NNCF
     preset's broken decoder gave 0 on some inputs).
     """
-    from qmedsam.deploy.runtime import TorchEngine
-
     if not calibration_samples or not parity_samples:
         raise ValueError("NNCF PTQ needs real slices for calibration and for its parity check")
     with staged_directory(out_dir, force) as staging, tempfile.TemporaryDirectory() as fp32_tmp:

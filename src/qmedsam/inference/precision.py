@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from qmedsam.evaluate.metrics import mean_mask_dice
+from qmedsam.files import atomic_write_bytes
+from qmedsam.inference.machine import cpu_name, median_ms, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +47,6 @@ class PrecisionChoice:
         return self.encoder if part == "encoder" else self.decoder
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it a bf16 hint gains nothing."""
-    from qmedsam.deploy.bench import cpu_flags
-
-    flags = cpu_flags()
-    return flags["avx512_bf16"] or flags["amx_bf16"]
-
-
-def exact_int8_dot_products() -> bool:
-    """Whether this CPU's int8 kernels add u8 x s8 products exactly (VNNI, AVX-VNNI or AMX).
-
-    Without them (AVX2 or AVX-512F alone) oneDNN sums pairs of products in 16-bit registers that saturate,
-    a known source of int8 error that the model and its IR do not cause (OpenVINO's "saturation issue")."""
-    from qmedsam.deploy.bench import cpu_flags
-
-    flags = cpu_flags()
-    return flags["avx512_vnni"] or flags["avx_vnni"] or flags["amx_int8"]
-
-
 def probe_inputs() -> tuple[np.ndarray, np.ndarray]:
     """A deterministic phantom (ellipses of different brightness on a textured background, as a preprocessed
     (1, 3, 256, 256) image) and a box around each ellipse in 256-space: real structure to segment, so
@@ -86,19 +69,9 @@ def probe_inputs() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(image[None, None], 3, axis=1), np.clip(np.array(boxes, np.float32), 0, 256)
 
 
-def mask_agreement(masks: np.ndarray, reference: np.ndarray) -> float:
-    """Mean per-box Dice of two (B, H, W) boolean mask stacks (two empty masks agree fully)."""
-    overlap = (masks & reference).reshape(len(masks), -1).sum(1)
-    total = masks.reshape(len(masks), -1).sum(1) + reference.reshape(len(reference), -1).sum(1)
-    dice = np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
-    return float(dice.mean())
-
-
 def choice_path(model_dir: Path, cache_dir: Path, num_threads: int | None, candidates: tuple[str, ...]) -> Path:
     """Where the choice for this model, CPU, OpenVINO version, thread count and candidate set is kept."""
     import openvino as ov
-
-    from qmedsam.deploy.bench import cpu_name
 
     model = hashlib.sha256()
     for name in ("encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin"):
@@ -132,22 +105,10 @@ def choose_precision(
             log.warning("%s: unreadable cached precision choice; measuring again", path)
     choice = measure_precision(model_dir, cache_dir, num_threads, candidates, min_agreement)
     if min_agreement == MIN_AGREEMENT:  # only the default gate is remembered
-        from qmedsam.data.cases import atomic_write_bytes
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps(asdict(choice), indent=1) + "\n").encode())
     log.info("precision: encoder %s, decoder %s (%s)", choice.encoder, choice.decoder, choice.reason)
     return choice
-
-
-def _median_ms(run, repeats: int = 5) -> float:
-    run()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
 
 
 def measure_precision(
@@ -159,8 +120,6 @@ def measure_precision(
 ) -> PrecisionChoice:
     """Time each part at each candidate hint and score its masks against f32 on the probe."""
     import openvino as ov
-
-    from qmedsam.deploy.runtime import compile_config
 
     if "f32" not in candidates:
         candidates = ("f32", *candidates)  # f32 is the accuracy reference and the fallback
@@ -185,12 +144,12 @@ def measure_precision(
     for hint in candidates:
         embedding = encode(hint)
         measured["encoder"][hint] = {
-            "ms": _median_ms(lambda h=hint: encode(h)),
-            "agreement": mask_agreement(decode("f32", embedding) > 0, reference_masks),
+            "ms": median_ms(lambda h=hint: encode(h), repeats=5, warmup=1),
+            "agreement": mean_mask_dice(decode("f32", embedding) > 0, reference_masks),
         }
         measured["decoder"][hint] = {
-            "ms": _median_ms(lambda h=hint: decode(h, reference_embedding)),
-            "agreement": mask_agreement(decode(hint, reference_embedding) > 0, reference_masks),
+            "ms": median_ms(lambda h=hint: decode(h, reference_embedding), repeats=5, warmup=1),
+            "agreement": mean_mask_dice(decode(hint, reference_embedding) > 0, reference_masks),
         }
     chosen = {}
     for part in PARTS:
@@ -207,3 +166,22 @@ def measure_precision(
         f"vs f32 and at least {MIN_SPEEDUP}x faster than f32"
     )
     return PrecisionChoice(chosen["encoder"], chosen["decoder"], reason, measured)
+
+
+PRECISION_HINTS = ("f32", "bf16")
+
+
+PRECISION_CHOICES = ("auto", *PRECISION_HINTS)
+"""`auto`: each part's hint measured on this CPU and cached (`qmedsam.inference.precision`)."""
+
+
+def compile_config(hint: str, cache: Path, num_threads: int | None) -> dict[str, object]:
+    """The CPU plugin settings every compiled part uses: explicit precision hint, LATENCY, the model cache."""
+    settings: dict[str, object] = {
+        "INFERENCE_PRECISION_HINT": hint,
+        "PERFORMANCE_HINT": "LATENCY",
+        "CACHE_DIR": str(cache),
+    }
+    if num_threads:
+        settings["INFERENCE_NUM_THREADS"] = int(num_threads)
+    return settings

@@ -7,7 +7,7 @@ graph runs in fp32, while `read_model` of the same .onnx runs Conv/FullyConnecte
 The export never assumes: it compiles the IR, reads the runtime precision of every
 Convolution/FullyConnected/MatMul from `get_runtime_model()` and fails if fewer than the spec's
 `min_int8_fraction` run in i8/u8, then measures mask agreement with the PyTorch fake-quant model on
-real slices (block by block, decoder, end to end: see `qmedsam.deploy.int8_parity`). Both go into
+real slices (block by block, decoder, end to end: see `qmedsam.export.int8_parity`). Both go into
 meta.json, next to the quant spec and the calibration summary.
 """
 
@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.deploy.export import (
-    ParitySample,
-    base_meta,
-    compare_engines,
-    name_io,
-    staged_directory,
-    write_meta,
-)
-from qmedsam.deploy.int8_parity import ParityThresholds, encoder_units, int8_parity
+from qmedsam.data.cases import CaseError, load_npz, read_case
+from qmedsam.data.preprocess import mask_box
 from qmedsam.errors import UserFacingError
+from qmedsam.export.fp32 import base_meta, name_io, write_meta
+from qmedsam.export.int8_parity import ParityThresholds, encoder_units, int8_parity
+from qmedsam.export.parity import ParitySample, compare_engines
+from qmedsam.export.staging import staged_directory
+from qmedsam.inference.runtime import OpenVINOEngine, layer_precisions
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +56,6 @@ def _spread_order(n: int) -> list[int]:
 
 def _label_boxes(labels: np.ndarray, min_pixels: int = 4) -> np.ndarray:
     """Tight [x0, y0, x1, y1] of each label in a 2D label slice (tiny specks skipped)."""
-    from qmedsam.data.preprocess import mask_box
-
     boxes = []
     for label in np.unique(labels):
         mask = labels == label
@@ -77,8 +73,6 @@ def _pick_boxes(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
 
 def _file_slices(path: Path, max_boxes: int) -> Iterator[ParitySample]:
     """Slices of one case file (`imgs` + `boxes`) or training file (`imgs` + `gts`), spread order."""
-    from qmedsam.data.cases import CaseError, load_npz, read_case
-
     data = load_npz(path)
     if "imgs" not in data:
         return
@@ -125,7 +119,7 @@ the quantizers, does not use the box; the decoder sees small, middle and large o
 def _unlabelled_slices(path: Path, imgs: np.ndarray) -> Iterator[ParitySample]:
     """Slices of an unlabelled training file with centred boxes, so calibration sees every modality of a
     training tree, not only the labelled ones."""
-    from qmedsam.data.datasets import image_stack
+    from qmedsam.datasets.modality import image_stack
 
     try:
         _, stack = image_stack(path.name, imgs)
@@ -209,8 +203,6 @@ def int8_coverage(model_dir: Path) -> dict[str, dict]:
     shows up as f32, not as bf16), and the share of them that runs in i8/u8."""
     import openvino as ov
 
-    from qmedsam.deploy.runtime import layer_precisions
-
     core = ov.Core()
     coverage = {}
     for part in ("encoder", "decoder"):
@@ -252,8 +244,6 @@ def verify_ir(
 ) -> dict:
     """Coverage first (cheap: a model that runs in fp32 needs no parity), then end-to-end mask agreement
     with `reference` (an Engine), both in meta.json; raise as soon as either falls short."""
-    from qmedsam.deploy.runtime import OpenVINOEngine
-
     check_coverage(model_dir, meta, min_int8)
     with tempfile.TemporaryDirectory() as cache:
         parity = compare_engines(reference, OpenVINOEngine(model_dir, precision="f32", cache_dir=cache), list(samples))
@@ -335,7 +325,7 @@ def export_int8(
 
     Fails, leaving `out_dir` untouched, if some activation quantizer is uncalibrated, if a quantized
     part runs less than `spec.min_int8_fraction` of its heavy layers in int8, or if the IR is not
-    faithful to the PyTorch fake-quant model by the three checks of `qmedsam.deploy.int8_parity`
+    faithful to the PyTorch fake-quant model by the three checks of `qmedsam.export.int8_parity`
     (every encoder block on PyTorch's input, the decoder on PyTorch's embedding, the whole pipeline
     against the reference's own float64/float32 agreement).
     """

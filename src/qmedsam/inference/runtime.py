@@ -7,7 +7,6 @@ propagation and the CLI are engine-agnostic and parity tests compare engines on 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,12 +15,11 @@ from typing import Protocol
 import numpy as np
 
 from qmedsam.errors import UserFacingError
+from qmedsam.files import default_cache_root
+from qmedsam.inference.model_dir import read_model_meta
+from qmedsam.inference.precision import PRECISION_CHOICES, choose_precision, compile_config
 
 log = logging.getLogger(__name__)
-
-PRECISION_HINTS = ("f32", "bf16")
-PRECISION_CHOICES = ("auto", *PRECISION_HINTS)
-"""`auto`: each part's hint measured on this CPU and cached (`qmedsam.deploy.precision`)."""
 
 
 class Engine(Protocol):
@@ -73,43 +71,6 @@ class TorchEngine:
         return logits[:, 0].cpu().numpy().astype(np.float32, copy=False)
 
 
-def default_cache_root() -> Path:
-    """`$QMEDSAM_CACHE`, else `$XDG_CACHE_HOME/qmedsam`, else `~/.cache/qmedsam`."""
-    if os.environ.get("QMEDSAM_CACHE"):
-        return Path(os.environ["QMEDSAM_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "qmedsam"
-
-
-def read_model_meta(model_dir: Path) -> dict:
-    """meta.json of a model directory, validated enough to give a clear error."""
-    model_dir = Path(model_dir)
-    for name in ("encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin", "meta.json"):
-        if not (model_dir / name).is_file():
-            raise UserFacingError(
-                f"{model_dir}: not a qmedsam model directory (missing {name}); create one with `qmedsam export`"
-            )
-    try:
-        meta = json.loads((model_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserFacingError(f"{model_dir / 'meta.json'}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("image_size", 256) != 256:
-        raise UserFacingError(f"{model_dir / 'meta.json'}: expected a JSON object with image_size 256")
-    return meta
-
-
-def compile_config(hint: str, cache: Path, num_threads: int | None) -> dict[str, object]:
-    """The CPU plugin settings every compiled part uses: explicit precision hint, LATENCY, the model cache."""
-    settings: dict[str, object] = {
-        "INFERENCE_PRECISION_HINT": hint,
-        "PERFORMANCE_HINT": "LATENCY",
-        "CACHE_DIR": str(cache),
-    }
-    if num_threads:
-        settings["INFERENCE_NUM_THREADS"] = int(num_threads)
-    return settings
-
-
 class OpenVINOEngine:
     """OpenVINO engine over an exported model directory.
 
@@ -137,8 +98,6 @@ class OpenVINOEngine:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "ov_cache"
         cache.mkdir(parents=True, exist_ok=True)
         if precision == "auto":
-            from qmedsam.deploy.precision import choose_precision
-
             choice = choose_precision(self.model_dir, cache, num_threads)
             self.hints = {"encoder": choice.encoder, "decoder": choice.decoder}
         else:

@@ -89,17 +89,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from qmedsam.data.cases import atomic_write, atomic_write_bytes
 from qmedsam.data.npz import NpzError, read_npz
 from qmedsam.data.preprocess import MODEL_SIZE, Geometry, geometry_for, mask_box, preprocess_image, resize_mask
-from qmedsam.deploy.runtime import default_cache_root
+from qmedsam.datasets.manifest import MANIFEST_NAME, read_manifest
+from qmedsam.files import atomic_write, atomic_write_bytes, default_cache_root
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 INDEX_DIR_NAME = ".qmedsam-index"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "qmedsam training tree"
 DEFAULT_MIN_MASK_PIXELS = 10
 UNLABELLED_BOX_FRACTION = (0.1, 0.6)
 STRATEGIES = ("Min", "OneTenth", "All")
@@ -250,26 +248,6 @@ def _locked(path: Path) -> Iterator[None]:
         finally:
             with suppress(OSError):
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def read_manifest(root: Path) -> dict[str, dict] | None:
-    """`ROOT/manifest.json` as {posix relative file: entry}; None when absent or another format."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not readable JSON ({exc}); expected a '{MANIFEST_FORMAT}' manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        log.warning("%s: not a '%s' manifest; ignored (no split information)", path, MANIFEST_FORMAT)
-        return None
-    cases = manifest.get("cases")
-    if not isinstance(cases, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("file"), str) and isinstance(c.get("split"), str) for c in cases
-    ):
-        raise ValueError(f"{path}: 'cases' must be a list of objects with string 'file' and 'split'")
-    return {c["file"]: c for c in cases}
 
 
 # --------------------------------------------------------------------------------------------------

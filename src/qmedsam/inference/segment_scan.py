@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmedsam.data.cases import case_from_arrays
-from qmedsam.deploy.runtime import Engine
-from qmedsam.deploy.segment import DEFAULT_BATCH, segment_case
+from qmedsam.inference.runtime import Engine
+from qmedsam.inference.segment import DEFAULT_BATCH, segment_case
 from qmedsam.scans.boxes import ScanBoxes, check_inside
 from qmedsam.scans.intensity import to_uint8
 from qmedsam.scans.nifti import Scan

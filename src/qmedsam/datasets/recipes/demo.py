@@ -53,22 +53,23 @@ from pathlib import Path
 
 import numpy as np
 
-from qmedsam.data.cases import atomic_savez, atomic_write_bytes, segmentation_dtype
-from qmedsam.data.sources import DEMO_SOURCES, SOURCES, ensure_writable_dir, fetch_sources
-from qmedsam.data.sources import ct_to_uint8 as _ct_to_uint8
-from qmedsam.data.sources import load_nifti as _load_nifti
-from qmedsam.data.sources import member_record as _member_record
-from qmedsam.data.sources import percentile_to_uint8 as _percentile_to_uint8
-from qmedsam.data.sources import read_members as _read_members
-from qmedsam.data.sources import source_record as _source_record
-from qmedsam.data.sources import to_zyx as _to_zyx
+from qmedsam.data.cases import segmentation_dtype
+from qmedsam.datasets.manifest import MANIFEST_NAME, load_manifest
+from qmedsam.datasets.recipes.sources import DEMO_SOURCES, SOURCES, ensure_writable_dir, fetch_sources
+from qmedsam.datasets.recipes.sources import load_nifti as _load_nifti
+from qmedsam.datasets.recipes.sources import member_record as _member_record
+from qmedsam.datasets.recipes.sources import read_members as _read_members
+from qmedsam.datasets.recipes.sources import source_record as _source_record
 from qmedsam.errors import UserFacingError
+from qmedsam.files import atomic_savez, atomic_write_bytes
+from qmedsam.scans.intensity import ct_to_uint8 as _ct_to_uint8
+from qmedsam.scans.intensity import percentile_to_uint8 as _percentile_to_uint8
+from qmedsam.scans.nifti import to_zyx as _to_zyx
 
 log = logging.getLogger(__name__)
 
 # Bump when the recipe changes the arrays: an existing build with another recipe is rebuilt.
 RECIPE_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 
 CT_WINDOW = {"level": 40.0, "width": 400.0}
 MR_PERCENTILES = (0.5, 99.5)
@@ -504,14 +505,6 @@ def _write_case(out_dir: Path, case: DemoCase) -> dict:
     }
     entry.update(case.meta)
     return entry
-
-
-def load_manifest(out_dir: Path) -> dict | None:
-    """The build's manifest, or None when there is none or it cannot be read."""
-    try:
-        return json.loads((Path(out_dir) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def is_complete(out_dir: Path) -> bool:
