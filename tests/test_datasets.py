@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from qmedsam.data import datasets
+from qmedsam.datasets import modality as datasets
 from qmedsam.data.preprocess import geometry_for, preprocess_image, resize_mask
 from qmedsam.datasets.modality import DEFAULT_MIN_MASK_PIXELS, GatherModalityDataset, ModalityDataset, Sample
 

@@ -35,7 +35,6 @@ class EngineConfig:
         base = "torch" if self.kind == "torch" else f"openvino:{self.precision}"
         if self.model_dir is None:
             return base
-
         name = "fp32" if self.model_dir == default_model_dir() else self.model_dir.name  # not the cache's long name
         return f"{base}@{name}"
 
@@ -49,7 +48,6 @@ class EngineConfig:
     def build(self, num_threads: int | None = None) -> Engine:
         if self.kind == "torch":
             return load_engine(engine="torch", threads=num_threads)
-
         return load_engine(self.model_dir or "fp32", precision=self.precision, threads=num_threads)
 
 

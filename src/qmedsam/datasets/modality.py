@@ -69,6 +69,7 @@ DataLoader adds ~1.6 ms of inter-process transfer per batch: use batches of 4 or
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import fcntl
 import hashlib
@@ -87,7 +88,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import ConcatDataset, Dataset, get_worker_info
 
 from qmedsam.data.npz import NpzError, read_npz
 from qmedsam.data.preprocess import MODEL_SIZE, Geometry, geometry_for, mask_box, preprocess_image, resize_mask
@@ -779,8 +780,9 @@ class ModalityDataset(Dataset[Sample]):
 # Several modalities
 
 
-class GatherModalityDataset(Dataset[Sample]):
-    """Every modality of a tree (a str/Path root: each sub-folder is one) or of a list of modality folders.
+class GatherModalityDataset(ConcatDataset[Sample]):
+    """Every modality of a tree (a str/Path root: each sub-folder is one) or of a list of modality folders,
+    concatenated (torch's `ConcatDataset`; its offsets follow each modality's per-epoch sample count).
 
     Modality folders of a root that yield no samples (e.g. none in the split) are dropped with a warning and
     listed in `.dropped`; an explicitly listed folder must yield samples. See the module docstring for the
@@ -821,7 +823,7 @@ class GatherModalityDataset(Dataset[Sample]):
         names = [f.name for f in folders]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset_fp: modality folder names must be unique (they key samples), got {names}")
-        self.datasets: list[ModalityDataset] = []
+        datasets: list[ModalityDataset] = []
         for folder in folders:
             try:
                 dataset = ModalityDataset(
@@ -845,9 +847,11 @@ class GatherModalityDataset(Dataset[Sample]):
                 self.log.warning("modality %s dropped: %s", folder.name, exc)
                 self.dropped[folder.name] = str(exc)
                 continue
-            self.datasets.append(dataset)
-        if not self.datasets:
+            datasets.append(dataset)
+        if not datasets:
             raise ValueError(f"dataset_fp {dataset_fp}: no modality folder yields samples ({self.dropped})")
+        super().__init__(datasets)
+        self.datasets: list[ModalityDataset] = datasets
         self.modify_mod_sample(mod_sample)
 
     @property
@@ -876,7 +880,7 @@ class GatherModalityDataset(Dataset[Sample]):
         self.mod_sample = mod_sample
         for dataset, count in zip(self.datasets, counts, strict=True):
             dataset.modify_sample(count)
-        self._offsets = np.cumsum([0, *self.mod_samples()])
+        self.cumulative_sizes = self.cumsum(self.datasets)
 
     def set_epoch(self, epoch: int) -> None:
         for dataset in self.datasets:
@@ -887,17 +891,14 @@ class GatherModalityDataset(Dataset[Sample]):
         for dataset in self.datasets:
             dataset.shuffle()
 
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
     def _locate(self, index: int) -> tuple[ModalityDataset, int]:
         index = operator.index(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        which = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self.datasets[which], index - int(self._offsets[which])
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        return self.datasets[which], index - (self.cumulative_sizes[which - 1] if which else 0)
 
     def sample_key(self, index: int) -> str:
         dataset, local = self._locate(index)

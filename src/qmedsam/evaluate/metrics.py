@@ -361,7 +361,6 @@ def evaluate_task(task: CaseTask) -> CaseResult:
     try:
         if is_nifti(task.gt_path):
             return _evaluate_nifti(task, result)
-
         gt = read_ground_truth(task.gt_path, task.gt_key)
         pred = read_ground_truth(task.pred_path, task.pred_key)
         result.shape = tuple(gt.shape)

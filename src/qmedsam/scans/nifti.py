@@ -13,6 +13,7 @@ from qmedsam.data.cases import segmentation_dtype
 from qmedsam.data.npz import MAX_BYTES_ENV, max_case_bytes
 from qmedsam.errors import UserFacingError
 from qmedsam.files import atomic_write_bytes
+from qmedsam.scans.orientation import VoxelMapping
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -125,13 +126,12 @@ def write_label_nifti(labels: np.ndarray, like: Scan, path: Path) -> None:
 
 
 def to_zyx(img) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """NIfTI -> (z, y, x) array in the module's orientation and its spacing in array order (mm)."""
-    import nibabel as nib
-
-    canonical = nib.as_closest_canonical(img)
-    data = np.asarray(canonical.dataobj)
+    """A nibabel image -> the working (z, y, x) array, mapped exactly as `predict` maps a scan
+    (`VoxelMapping`), and its spacing in that order (mm)."""
+    data = np.asarray(img.dataobj)
     if data.ndim != 3:
         raise UserFacingError(f"expected a 3D volume, got shape {data.shape}")
-    zooms = [float(z) for z in canonical.header.get_zooms()[:3]]  # RAS axes: x, y, z
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, ::-1])
-    return array, (zooms[2], zooms[1], zooms[0])
+    mapping = VoxelMapping.from_affine(img.affine, data.shape)
+    zooms = img.header.get_zooms()[:3]
+    spacing = tuple(float(zooms[axis]) for axis in mapping.source_axis)
+    return mapping.to_work(data), spacing  # type: ignore[return-value]
