@@ -140,7 +140,7 @@ def tune_allocator(threshold: int = 32 << 20) -> bool:
 
     Every sample allocates a few ~0.8 MB float32 arrays (inside `preprocess_image`). With its defaults glibc
     keeps serving such blocks with fresh mmaps and returning them with munmap, so every sample page-faults
-    megabytes of zeroed memory: measured 3.3x slower per sample (450 vs 1550 /s on the demo tree).
+    megabytes of zeroed memory, several times slower per sample (benchmarks/README.md, "Data loading").
     DataLoader workers call this themselves on their first sample (their process only serves the dataset);
     call it in the main process for num_workers=0, or set MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
     in the environment. RSS changed by < 5 MB. No-op (False) without glibc.

@@ -1,8 +1,8 @@
 """Choose OpenVINO's inference precision per model part by measuring it on this CPU, and remember the choice.
 
-The CPU plugin can run a model's float ops in f32 or bf16. Which is faster depends on the CPU and on the part:
-on an Intel Xeon with AVX-512 BF16 but no AMX, bf16 made the fp32 encoder slower (667 vs 524 ms) and the
-decoder faster (687 vs 780 ms at 16 boxes), and it cost 0.012 DSC on real cases. So nothing is assumed: for
+The CPU plugin can run a model's float ops in f32 or bf16. Which is faster depends on the CPU and on the part
+(bf16 has made one part slower and the other faster on the same CPU, at a cost in Dice: the figures are in
+benchmarks/README.md, "Precision hints"). So nothing is assumed: for
 each part (encoder, decoder) every candidate hint is timed, its masks are compared with the f32 masks on a
 fixed probe, and the fastest candidate that keeps agreement >= `min_agreement` wins. A CPU without native
 bf16 (no AVX-512 BF16, no AMX) has nothing to gain and is not measured. The choice is cached per model,
