@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -44,6 +45,35 @@ def train_tree_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from qmedsam.datasets.recipes.train_tree import build_train_tree
 
     return build_train_tree(tmp_path_factory.mktemp("train_tree"))
+
+
+SMALL_3D_SLICES = 6
+"""Slices kept of the small 3D case: enough for propagation to walk a few slices each way from a box's middle."""
+
+
+@pytest.fixture(scope="session")
+def small_cases_dir(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest real inputs that still exercise every path of a predictor: the demo's 2D CT slice as is, its
+    microscopy image with its first 20 boxes (two decoder batches of 16, one partial) and its TotalSegmentator MR
+    volume cut to the 6 slices where most objects are, with each box's z-range clipped to them. Real images and
+    real boxes, a few seconds per engine instead of minutes (the whole demo set runs in `make test-slow`)."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("small_cases")
+    cases = demo_dir / "cases"
+    shutil.copy(cases / "2D_CT_TotalSeg_0001.npz", folder)
+    with np.load(cases / "2D_Microscopy_DSB2018_0001.npz") as data:
+        np.savez_compressed(folder / "2D_Microscopy_DSB2018_0001.npz", imgs=data["imgs"], boxes=data["boxes"][:20])
+    with np.load(cases / "3D_MR_TotalSeg_0001.npz") as data:
+        volume, boxes, spacing = data["imgs"], data["boxes"], data["spacing"]
+    starts = range(volume.shape[0] - SMALL_3D_SLICES + 1)
+    start = max(starts, key=lambda z: int(((boxes[:, 2] < z + SMALL_3D_SLICES) & (boxes[:, 5] >= z)).sum()))
+    end = start + SMALL_3D_SLICES - 1
+    kept = boxes[(boxes[:, 2] <= end) & (boxes[:, 5] >= start)].copy()
+    kept[:, 2] = np.maximum(kept[:, 2], start) - start
+    kept[:, 5] = np.minimum(kept[:, 5], end) - start
+    np.savez_compressed(folder / "3D_MR_TotalSeg_0001.npz", imgs=volume[start : end + 1], boxes=kept, spacing=spacing)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,14 @@ def statuses(folder: Path) -> dict[str, str]:
         return {row["case"]: row["status"] for row in csv.DictReader(handle)}
 
 
+@pytest.mark.parametrize(
+    "cases_fixture", ["small_cases_dir", pytest.param("demo_cases_dir", marks=pytest.mark.slow)], ids=["small", "demo"]
+)
 @pytest.mark.parametrize("model", ["int8", "fp32"])
-def test_cpp_masks_equal_python_on_every_demo_case(cpp_binary, demo_dir, model, tmp_path, request):
+def test_cpp_masks_equal_python(cpp_binary, cases_fixture, model, tmp_path, request):
     # the fp32 IR is exported only when asked for (make cpp-asan runs the int8 case alone)
     model_dir = shipped_int8_model_dir() if model == "int8" else request.getfixturevalue("fp32_model_dir")
-    cases = demo_dir / "cases"
+    cases = request.getfixturevalue(cases_fixture)
     result = run_cpp(cpp_binary, cases, tmp_path, "-m", str(model_dir))
     assert result.returncode == 0, result.stderr
     engine = OpenVINOEngine(model_dir)
@@ -50,11 +53,16 @@ def test_cpp_masks_equal_python_on_every_demo_case(cpp_binary, demo_dir, model, 
         assert differing <= max(2, foreground // 10_000), (path.name, differing, foreground)
 
 
-def test_cpp_propagate_rule_equals_python(cpp_binary, demo_dir, tmp_path):
+@pytest.fixture
+def demo_cases_dir(demo_dir):
+    return demo_dir / "cases"
+
+
+def test_cpp_propagate_rule_equals_python(cpp_binary, small_cases_dir, tmp_path):
     """The baseline's propagation (mask box through the image's INTER_AREA resize, +3 px) on a real volume."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    shutil.copy(demo_dir / "cases" / "3D_MR_TotalSeg_0001.npz", inputs)
+    shutil.copy(small_cases_dir / "3D_MR_TotalSeg_0001.npz", inputs)
     result = run_cpp(cpp_binary, inputs, tmp_path / "out", "--prompt-mode", "propagate")  # default model: int8
     assert result.returncode == 0, result.stderr
     case = read_case(inputs / "3D_MR_TotalSeg_0001.npz")

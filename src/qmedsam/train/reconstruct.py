@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qmedsam.evaluate.metrics import mean_mask_dice
@@ -175,6 +176,91 @@ class DecoderReconstructionReport:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class DistillationSet:
+    """What decoder distillation trains on, computed once: the boxes, the student's (quantized encoder's)
+    embeddings and the float model's mask logits on its own embeddings. A step then costs a decoder forward and
+    backward only."""
+
+    boxes: torch.Tensor
+    student_embeddings: torch.Tensor
+    targets: torch.Tensor
+    batch_size: int
+
+    @classmethod
+    def build(
+        cls,
+        student: nn.Module,
+        float_model: nn.Module,
+        samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+    ) -> DistillationSet:
+        boxes = torch.cat([box.reshape(1, 4) for _, box in samples])
+        with torch.no_grad():
+            q_embeddings = torch.cat([student.encode(image) for image, _ in samples])
+            f_embeddings = torch.cat([float_model.encode(image) for image, _ in samples])
+        partial = cls(boxes, q_embeddings, torch.empty(0), batch_size)
+        targets = partial.decode(float_model, f_embeddings, range(len(samples)))
+        return cls(boxes, q_embeddings, targets, batch_size)
+
+    def decode(self, model: nn.Module, embeddings: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """Mask logits of (embedding, box) pairs `indices`, in chunks of `batch_size`, without gradients."""
+        indices = list(indices)
+        with torch.no_grad():
+            chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            return torch.cat([model.decode(embeddings[c], self.boxes[c])[0] for c in chunks])
+
+    def loss(self, logits: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """Binary cross-entropy against the float model's probabilities (soft labels: every pixel counts)."""
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(self.targets[list(indices)]))
+
+    def scores(self, student: nn.Module, indices: Sequence[int]) -> tuple[float, float]:
+        """(mask agreement with the float model, soft-label BCE) of the student on `indices`."""
+        if not indices:
+            return math.nan, math.nan
+        logits = self.decode(student, self.student_embeddings, indices)
+        agreement = mean_mask_dice((logits > 0).numpy(), (self.targets[list(indices)] > 0).numpy())
+        return agreement, float(self.loss(logits, indices))
+
+
+def held_out_split(count: int, hold_out_every: int) -> tuple[list[int], list[int]]:
+    """(trained, held out) sample indices: every `hold_out_every`-th sample is held out (none when 0)."""
+    everything = list(range(count))
+    held = everything[hold_out_every - 1 :: hold_out_every] if hold_out_every else []
+    return sorted(set(everything) - set(held)), held
+
+
+def _distil_steps(
+    student: nn.Module,
+    data: DistillationSet,
+    trained: Sequence[int],
+    steps: int,
+    lr: float,
+    scale_lr: float,
+    generator: torch.Generator,
+) -> None:
+    """Adam steps on the decoder alone (weights at `lr`, learned activation scales at `scale_lr`, cosine decay);
+    the encoder and prompt encoder stay frozen and gather no gradients."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    decoder = student.mask_decoder
+    optimizer, base_lrs = _adam_with_scale_group(decoder, lr, scale_lr)
+    order = torch.tensor(trained)
+    for step in range(steps):
+        _set_cosine_lr(optimizer, base_lrs, step, steps)
+        pick = order[torch.randperm(len(order), generator=generator)[: data.batch_size]].tolist()
+        loss = data.loss(student.decode(data.student_embeddings[pick], data.boxes[pick])[0], pick)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"decoder reconstruction: non-finite loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:
+            log.info("decoder reconstruction step %d/%d: soft-label BCE %.5f", step + 1, steps, float(loss.detach()))
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+
+
 def reconstruct_decoder(
     student: nn.Module,
     float_model: nn.Module,
@@ -190,67 +276,21 @@ def reconstruct_decoder(
 
     Each sample is (image (1, 3, 256, 256), box (1, 4)). The student decoder sees the QUANTIZED encoder's
     embedding, the target is the FLOAT model's mask logits on the FLOAT embedding, so the decoder also learns
-    to absorb what the int8 encoder got wrong; both embeddings are computed once, so a step costs a decoder
-    forward + backward only. Loss: binary cross-entropy against the teacher's probabilities (soft labels:
-    every pixel counts, the boundary most). Trained: the decoder's weights, biases, norms (`lr`) and its
-    learned activation scales (`scale_lr`); encoder and prompt encoder stay frozen. Every `hold_out_every`-th
-    sample is kept out of the steps to report whether the agreement generalises.
+    to absorb what the int8 encoder got wrong (`DistillationSet`). Trained: the decoder's weights, biases, norms
+    (`lr`) and its learned activation scales (`scale_lr`). Every `hold_out_every`-th sample is kept out of the
+    steps to report whether the agreement generalises.
     """
-    import torch.nn.functional as F
-
     generator = torch.Generator().manual_seed(seed)
     student.eval()
     float_model.eval()
     start = time.perf_counter()
-    boxes = torch.cat([box.reshape(1, 4) for _, box in samples])
-    with torch.no_grad():
-        q_embeddings = torch.cat([student.encode(image) for image, _ in samples])
-        f_embeddings = torch.cat([float_model.encode(image) for image, _ in samples])
-    # One embedding per box: the decoder takes the batch of (embedding, box) pairs in one call.
-    everything = list(range(len(samples)))
-
-    def in_chunks(model: nn.Module, embeddings: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-        with torch.no_grad():
-            chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-            return torch.cat([model.decode(embeddings[c], boxes[c])[0] for c in chunks])
-
-    targets = in_chunks(float_model, f_embeddings, everything)
-    held = everything[hold_out_every - 1 :: hold_out_every] if hold_out_every else []
-    trained = sorted(set(everything) - set(held))
+    data = DistillationSet.build(student, float_model, samples, batch_size)
+    trained, held = held_out_split(len(samples), hold_out_every)
     if not trained:
         raise ValueError("decoder reconstruction needs at least one training sample")
-
-    def soft_label_bce(logits: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(targets[indices]))
-
-    def scores(indices: Sequence[int]) -> tuple[float, float]:
-        """(mask agreement with the float model, soft-label BCE) of the student on `indices`."""
-        if not indices:
-            return math.nan, math.nan
-        logits = in_chunks(student, q_embeddings, indices)
-        agreement = mean_mask_dice((logits > 0).numpy(), (targets[indices] > 0).numpy())
-        return agreement, float(soft_label_bce(logits, indices))
-
-    (before, loss_before), (held_before, _) = scores(trained), scores(held)
-    for p in student.parameters():  # the encoder and prompt encoder stay frozen (and gather no gradients)
-        p.requires_grad_(False)
-    decoder = student.mask_decoder
-    optimizer, base_lrs = _adam_with_scale_group(decoder, lr, scale_lr)
-    order = torch.tensor(trained)
-    for step in range(steps):
-        _set_cosine_lr(optimizer, base_lrs, step, steps)
-        pick = order[torch.randperm(len(order), generator=generator)[:batch_size]].tolist()
-        loss = soft_label_bce(student.decode(q_embeddings[pick], boxes[pick])[0], pick)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"decoder reconstruction: non-finite loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0 or step == steps - 1:
-            log.info("decoder reconstruction step %d/%d: soft-label BCE %.5f", step + 1, steps, float(loss.detach()))
-    for p in decoder.parameters():
-        p.requires_grad_(False)
-    (after, loss_after), (held_after, _) = scores(trained), scores(held)
+    (before, loss_before), (held_before, _) = data.scores(student, trained), data.scores(student, held)
+    _distil_steps(student, data, trained, steps, lr, scale_lr, generator)
+    (after, loss_after), (held_after, _) = data.scores(student, trained), data.scores(student, held)
     report = DecoderReconstructionReport(
         samples=len(trained),
         held_out=len(held),
