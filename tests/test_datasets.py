@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from qmedsam.datasets import modality as datasets
 from qmedsam.data.preprocess import geometry_for, preprocess_image, resize_mask
+from qmedsam.datasets import modality as datasets
 from qmedsam.datasets.modality import DEFAULT_MIN_MASK_PIXELS, GatherModalityDataset, ModalityDataset, Sample
 
 CT_3D = "CT/TotalSeg/3D_CT_TotalSeg_0001.npz"

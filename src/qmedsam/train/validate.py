@@ -2,7 +2,7 @@
 
 The slices are spread evenly over every labelled validation file of the tree (its manifest's split), each
 treated as a 2D case: the tight box of every label on the slice is a prompt, the prediction goes through
-the same segmentation code as `qmedsam predict` (`deploy.segment`, PyTorch engine), and DSC / NSD follow
+the same segmentation code as `qmedsam predict` (`inference.segment`, PyTorch engine), and DSC / NSD follow
 the challenge rule for 2D (`evaluate.metrics.evaluate_arrays`). A fixed subset keeps an epoch's validation
 affordable on a CPU (`val_max_slices`); it is a proxy for, not a replacement of, a full `qmedsam evaluate`.
 """
