@@ -71,13 +71,13 @@ def test_2d_boxes_paint_the_segmenter_masks_and_reuse_the_embedding(
     assert widget._segmenter.encoded_slices == 1
 
 
-def test_3d_case_opened_with_the_reader_matches_segment_3d(make_napari_viewer, qtbot, demo_dir, int8_segmenter):
-    path = demo_dir / "cases" / "3D_MR_TotalSeg_0001.npz"
+def test_3d_case_opened_with_the_reader_matches_segment_3d(make_napari_viewer, qtbot, small_cases_dir, int8_segmenter):
+    path = small_cases_dir / "3D_MR_TotalSeg_0001.npz"  # a real MR volume, 6 of its slices
     case = read_case(path)
     viewer = make_napari_viewer()
     viewer.open(str(path), plugin="qmedsam")
     image = viewer.layers["3D_MR_TotalSeg_0001"]
-    assert image.data.shape == (20, 91, 117) and tuple(image.scale) == pytest.approx(case.spacing)
+    assert image.data.shape == case.image.shape and tuple(image.scale) == pytest.approx(case.spacing)
     widget = _widget(viewer, qtbot)
     boxes_layer = viewer.layers["3D_MR_TotalSeg_0001 boxes"]
     assert widget.boxes_layer is boxes_layer and len(boxes_layer.data) == len(case.boxes)
@@ -87,7 +87,7 @@ def test_3d_case_opened_with_the_reader_matches_segment_3d(make_napari_viewer, q
     np.testing.assert_array_equal(widget.masks_layer.data, expected)
     assert widget._segmenter.encoded_slices == case.image.shape[0]  # every slice once, shared by all boxes
 
-    saved = widget.save(str(demo_dir.parent / "masks.npz"))
+    saved = widget.save(str(small_cases_dir.parent / "masks.npz"))
     with np.load(saved) as data:
         np.testing.assert_array_equal(data["segs"], expected)
         assert data["spacing"] == pytest.approx(case.spacing)

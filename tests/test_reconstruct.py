@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ def real_batches(train_tree_dir: Path):
     return model_inputs(real_slices(train_tree_dir / "CT", limit=2, max_boxes=2))
 
 
+@pytest.fixture(scope="module")
+def calibrated_student(real_batches):
+    """The per-channel w8a8 model calibrated on the real batches, built once; each test trains a copy."""
+    spec = quant.QuantSpec.from_yaml(Path(__file__).parent.parent / "configs" / "quant" / "w8a8_per_channel.yaml")
+    student = quant.load_litemedsam(spec)
+    calibrate(student, real_batches)
+    return student
+
+
 def test_units_chained_are_the_encoder(pretrained_model, real_batches):
     units = encoder_units(pretrained_model.image_encoder)
     assert [name for name, _, _ in units][:3] == ["patch_embed", "layers.0.blocks.0", "layers.0.blocks.1"]
@@ -31,10 +41,8 @@ def test_units_chained_are_the_encoder(pretrained_model, real_batches):
         assert torch.equal(x, pretrained_model.encode(image))
 
 
-def test_reconstruction_moves_the_quantized_encoder_towards_float(pretrained_model, real_batches):
-    spec = quant.QuantSpec.from_yaml(Path(__file__).parent.parent / "configs" / "quant" / "w8a8_per_channel.yaml")
-    student = quant.load_litemedsam(spec)
-    calibrate(student, real_batches)
+def test_reconstruction_moves_the_quantized_encoder_towards_float(pretrained_model, real_batches, calibrated_student):
+    student = copy.deepcopy(calibrated_student)
     float_before = {k: v.clone() for k, v in pretrained_model.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.image_encoder.state_dict().items()}
     images = torch.cat([image for image, _ in real_batches])[:1]
@@ -50,12 +58,12 @@ def test_reconstruction_moves_the_quantized_encoder_towards_float(pretrained_mod
     assert not any(p.requires_grad for p in student.image_encoder.parameters())
 
 
-def test_decoder_distillation_moves_the_quantized_decoder_towards_float(pretrained_model, real_batches):
+def test_decoder_distillation_moves_the_quantized_decoder_towards_float(
+    pretrained_model, real_batches, calibrated_student
+):
     """End to end on cached embeddings: the quantized decoder (fed by the quantized encoder) is trained
     towards the float model's masks; only the decoder moves, the float model is untouched."""
-    spec = quant.QuantSpec.from_yaml(Path(__file__).parent.parent / "configs" / "quant" / "w8a8_per_channel.yaml")
-    student = quant.load_litemedsam(spec)
-    calibrate(student, real_batches)
+    student = copy.deepcopy(calibrated_student)
     samples = [(image, boxes[i : i + 1]) for image, boxes in real_batches for i in range(len(boxes))]
     assert len(samples) == 4
     encoder_before = {k: v.clone() for k, v in student.image_encoder.state_dict().items()}
