@@ -7,6 +7,7 @@ resumed. They run in subprocesses with one thread each, so the test process keep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,14 +20,18 @@ import numpy as np
 import pytest
 import torch
 
+from qmedsam.cli import main as qmedsam_main
+from qmedsam.train import memory
 from qmedsam.train.config import ConfigError, TrainConfig, load_config
-from qmedsam.train.loop import lr_factor
+from qmedsam.train.loop import CHECKPOINT_FORMAT, TrainingError, load_resume_checkpoint, lr_factor
 from qmedsam.train.losses import mask_iou, qmedsam_loss, segmentation_loss
 from qmedsam.train.progress import read_metrics
 
 REPO = Path(__file__).parent.parent
 STAGES = REPO / "configs" / "train"
 SMALL = ["batch_size=1", "num_workers=0", "threads=1", "calib_slices=2", "val_max_slices=2"]
+SINGLE_PROCESS = [*SMALL[:2], "threads=2", *SMALL[3:]]
+"""A single-process run uses both cores (a 2-rank torchrun gets one thread per rank)."""
 
 
 def _env() -> dict[str, str]:
@@ -98,7 +103,7 @@ def test_decoder_distillation_recipe_continues_the_mixed_run():
 
 def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir: Path, tmp_path: Path):
     out = tmp_path / "cpu"
-    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=0", *SMALL]
+    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=0", *SINGLE_PROCESS]
     sets += ["reconstruct_images=1", "reconstruct_steps=1", "reconstruct_batch_size=1"]
     sets += ["reconstruct_decoder=true", "reconstruct_decoder_samples=2", "reconstruct_decoder_steps=1"]
     result = _qmedsam("train", "--config", str(STAGES / "cpu_recipe.yaml"), "--set", *sets)
@@ -129,6 +134,124 @@ def test_lr_schedule_is_the_seeds():
     assert len(factors) == 16 and factors[0] == pytest.approx(0.01) and factors[5] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(factors[5:15], factors[6:15], strict=False))
     assert factors[15] == pytest.approx(0.001)
+
+
+# --- refused before anything is built -------------------------------------------------------------------
+
+
+def _train_in_process(
+    tmp_path: Path, capsys, *extra: str, config: str = "stage2_quant_decoder.yaml"
+) -> tuple[int, str]:
+    """`qmedsam train` in this process on a data_root that does not exist: a refusal must come before the
+    dataset (or anything else) is built, and out_dir must not be created."""
+    out = tmp_path / "run"
+    sets = [f"data_root={tmp_path / 'no-tree'}", f"out_dir={out}", "device=cpu", "batch_size=1", "num_workers=0"]
+    code = qmedsam_main(["train", "--config", str(STAGES / config), "--set", *sets, *extra])
+    assert not out.exists()
+    return code, capsys.readouterr().err
+
+
+def test_resume_refuses_a_stages_starting_model(tmp_path: Path, capsys):
+    init = tmp_path / "runs" / "x" / "init.pt"
+    init.parent.mkdir(parents=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {"w": torch.zeros(2)}, "init": {"init": "pretrained"}}, init)
+    code, err = _train_in_process(tmp_path, capsys, "--resume", str(init))
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"{init} is a stage's starting model (init.pt), not a run checkpoint: there is no {init.parent / 'last.pt'}"
+        in err
+    )
+    assert f"or start a new run from these weights with --set init_checkpoint={init}" in err
+    torch.save({"format": CHECKPOINT_FORMAT}, init.parent / "last.pt")  # the run got as far as a checkpoint
+    code, err = _train_in_process(tmp_path, capsys, "--resume", str(init))
+    assert code == 2 and f"not a run checkpoint: resume from {init.parent / 'last.pt'}, or start a new run" in err
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state-dict", "model-key"])
+def test_resume_refuses_a_weights_file_naming_init_checkpoint(tmp_path: Path, capsys, wrapped: bool):
+    weights = tmp_path / "weights.pth"
+    state = {"image_encoder.w": torch.zeros(2), "mask_decoder.b": torch.ones(1)}
+    torch.save({"model": state} if wrapped else state, weights)
+    code, err = _train_in_process(tmp_path, capsys, "--resume", str(weights))
+    assert code == 2 and "Traceback" not in err
+    assert f"{weights} holds model weights (a state dict), not a run checkpoint" in err
+    assert f"--set init_checkpoint={weights}" in err
+
+
+def test_resume_accepts_a_run_checkpoint_and_names_what_else_is_missing(tmp_path: Path):
+    run = {"epoch": 0, "batch_in_epoch": 1, "step": 1, "best_dsc": -1.0}
+    last = tmp_path / "last.pt"
+    payload = {"format": CHECKPOINT_FORMAT, "model": {}, "optimizer": {}, "scheduler": {}, "run": run, "config": {}}
+    torch.save(payload | {"rng": {"torch": torch.get_rng_state()}}, last)
+    assert load_resume_checkpoint(last)["run"] == run
+    torch.save(payload, last)
+    with pytest.raises(TrainingError, match=r"without the run state --resume needs \(missing \['rng'\]\)"):
+        load_resume_checkpoint(last)
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="not a readable checkpoint"):
+        load_resume_checkpoint(last)
+
+
+def test_memory_estimate_grows_with_batch_teacher_and_trained_encoder():
+    decoder = TrainConfig(train_encoder=False, train_decoder=True, teacher=False, batch_size=1, num_workers=0)
+    peak = lambda **changes: memory.estimate(dataclasses.replace(decoder, **changes)).peak  # noqa: E731
+    assert peak() < peak(batch_size=2) < peak(batch_size=4)
+    assert peak() < peak(teacher=True) < peak(teacher=True, train_encoder=True)
+    assert peak(batch_size=4) - peak(batch_size=2) < peak(train_encoder=True, batch_size=4) - peak(
+        train_encoder=True, batch_size=2
+    )  # a trained encoder's activations cost more per sample than the decoder's
+    assert peak() < peak(num_workers=2)
+    assert memory.estimate(dataclasses.replace(decoder, max_steps=0, batch_size=64)).peak == peak(max_steps=0)
+
+
+def test_memory_refusal_names_the_batch_size_that_fits():
+    stage1 = load_config(STAGES / "stage1_quant_encoder.yaml", ["batch_size=4", "num_workers=0"])
+    one_rank = memory.estimate(dataclasses.replace(stage1, batch_size=1)).peak
+    available = memory.Available(3 * one_rank, "test")
+    assert memory.refusal_message(dataclasses.replace(stage1, batch_size=1), 3, available) is None
+    message = memory.refusal_message(stage1, 2, available)
+    largest = int(message.split("--set batch_size=")[1].split()[0])
+    fits = [
+        memory.estimate(dataclasses.replace(stage1, batch_size=b)).peak * 2 <= available.bytes for b in (1, 2, 3, 4)
+    ]
+    assert largest >= 1 and fits[:largest] == [True] * largest and not fits[largest]
+    assert "x 2 processes on this node" in message and "QMEDSAM_SKIP_MEMORY_CHECK=1" in message
+    refused = memory.refusal_message(dataclasses.replace(stage1, batch_size=1), 8, available)
+    assert "torchrun --nproc-per-node 3" in refused and "--set batch_size" not in refused  # batch 1 is too much
+
+
+def test_available_memory_is_the_lower_of_meminfo_and_the_cgroup(tmp_path: Path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683568 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert memory.available_memory(meminfo, cgroup) == memory.Available(20000000 * 1024, f"MemAvailable in {meminfo}")
+    (cgroup / "memory.max").write_text("max\n")  # cgroup v2 without a limit
+    (cgroup / "memory.current").write_text("1000\n")
+    assert memory.available_memory(meminfo, cgroup).bytes == 20000000 * 1024
+    (cgroup / "memory.max").write_text(f"{8 * memory.GIB}\n")
+    (cgroup / "memory.current").write_text(f"{3 * memory.GIB}\n")
+    (cgroup / "memory.stat").write_text(f"anon 1\ninactive_file {memory.GIB}\n")
+    assert memory.available_memory(meminfo, cgroup).bytes == 6 * memory.GIB
+    assert memory.available_memory(tmp_path / "absent", tmp_path / "absent") is None
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    started = time.monotonic()
+    code, err = _train_in_process(tmp_path, capsys, "batch_size=10000", config="stage1_quant_encoder.yaml")
+    assert code == 2 and "Traceback" not in err
+    assert "not enough memory for this run" in err and "batch_size 10000" in err and "--set batch_size=" in err
+    assert f"{memory.SKIP_ENV}=1" in err
+    assert time.monotonic() - started < 60
+
+
+def test_the_memory_check_can_be_skipped(monkeypatch):
+    huge = TrainConfig(batch_size=10000)
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    assert memory.available_memory() is None or memory.refusal(huge) is not None
+    monkeypatch.setenv(memory.SKIP_ENV, "1")
+    assert memory.refusal(huge) is None
 
 
 # --- loss -----------------------------------------------------------------------------------------------
@@ -200,7 +323,7 @@ def test_killed_run_resumes_on_the_uninterrupted_trajectory(train_tree_dir: Path
         "cosine_epochs=1",
         "extra_epochs=0",
         "checkpoint_every_steps=1",
-        *SMALL,
+        *SINGLE_PROCESS,
     ]
     config = str(STAGES / "stage2_quant_decoder.yaml")
     straight = tmp_path / "straight"

@@ -4,6 +4,11 @@ Single process by default; `torchrun --nproc-per-node N [--nnodes ...] -m qmedsa
 DDP (gloo on CPU, nccl on GPU). Stage files are flat YAML (`configs/train/stage*.yaml`); `--set key=value`
 overrides any key. `--stages 1,2,3` runs the chain: each stage starts from the previous stage's best
 checkpoint, and with `--set out_dir=DIR` stage k writes to DIR/stage<k>.
+
+Refused before anything is built (exit code 2, no traceback): a `--resume` file that is not a run checkpoint
+(a stage's init.pt or a weights file: start from those with `--set init_checkpoint=FILE`), and a stage whose
+estimated peak memory, times the processes on the node, exceeds what the node can give
+(`qmedsam.train.memory`; `QMEDSAM_SKIP_MEMORY_CHECK=1` skips that check).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ def register(subparsers) -> None:
             "encoder with the fp32 teacher, stage 2 encoder + decoder quantized with the decoder trained, stage 3 "
             "both trained with the teacher. Run under `torchrun --nproc-per-node N -m qmedsam train ...` for DDP. "
             "Writes out_dir/{init,last,best}.pt, metrics.jsonl and curves.png; export the result with "
-            "`qmedsam export --quant SPEC --checkpoint out_dir/best.pt`."
+            "`qmedsam export --quant SPEC --checkpoint out_dir/best.pt`. A stage whose estimated peak memory (per "
+            "process, times the processes on this node) exceeds the available memory is refused before anything "
+            "is built, saying what would fit (batch_size, processes); QMEDSAM_SKIP_MEMORY_CHECK=1 skips that check."
         ),
     )
     parser.add_argument("--config", type=Path, metavar="FILE", help="stage config (flat YAML keys)")
@@ -42,7 +49,13 @@ def register(subparsers) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. --set data_root=DIR out_dir=DIR max_steps=5",
     )
-    parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue a run exactly from its last.pt")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="CKPT",
+        help="continue a run exactly from its last.pt (a run checkpoint; to start a new run from a stage's init.pt "
+        "or other weights, use --set init_checkpoint=FILE)",
+    )
     parser.add_argument(
         "--stages",
         metavar="LIST",
