@@ -27,6 +27,8 @@ test:
 	$(BIN)/ruff check src tests benchmarks docs
 	$(BIN)/pytest -q
 
+# Long end-to-end checks a release runs (marked `slow`: the C++ predictor against Python on the whole demo set);
+# `make test` keeps a fast real version of each.
 test-slow:
 	$(BIN)/pytest -q -m slow
 
