@@ -25,7 +25,7 @@ setup: system-packages
 
 test:
 	$(BIN)/ruff check src tests benchmarks docs
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # Long end-to-end checks a release runs (marked `slow`: the C++ predictor against Python on the whole demo set);
 # `make test` keeps a fast real version of each.
