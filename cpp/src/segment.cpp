@@ -238,6 +238,12 @@ Engine::Engine(const std::string& model_dir, const std::string& precision, int t
   decoder = core.compile_model(model_dir + "/decoder.xml", "CPU", config);
   encode_request = encoder.create_infer_request();
   decode_request = decoder.create_infer_request();
+  bool has_points = false, has_labels = false;
+  for (const auto& input : decoder.inputs()) {
+    has_points = has_points || input.get_names().count("points") > 0;
+    has_labels = has_labels || input.get_names().count("point_labels") > 0;
+  }
+  decoder_takes_clicks = has_points && has_labels;
 }
 
 std::vector<float> Engine::encode(const std::vector<float>& image) {
@@ -256,6 +262,10 @@ std::vector<float> Engine::decode(const std::vector<float>& embedding, const std
   ov::Tensor boxes_tensor(ov::element::f32, {boxes.size(), 1, 4}, flat.data());
   decode_request.set_tensor("image_embedding", embedding_tensor);
   decode_request.set_tensor("boxes", boxes_tensor);
+  if (decoder_takes_clicks) {  // a box alone: zero clicks per box
+    decode_request.set_tensor("points", ov::Tensor(ov::element::f32, {boxes.size(), 0, 2}));
+    decode_request.set_tensor("point_labels", ov::Tensor(ov::element::f32, {boxes.size(), 0}));
+  }
   decode_request.infer();
   const ov::Tensor output = decode_request.get_output_tensor(0);
   const float* data = output.data<const float>();

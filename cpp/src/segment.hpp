@@ -32,6 +32,9 @@ struct Engine {
   ov::Core core;
   ov::CompiledModel encoder, decoder;
   ov::InferRequest encode_request, decode_request;
+  // A decoder exported with clicks also takes `points` (B, N, 2) and `point_labels` (B, N); boxes alone
+  // feed N = 0 (the same tokens and cost as a box-only decoder). Older model folders lack both inputs.
+  bool decoder_takes_clicks = false;
 };
 
 // Label map of a validated case: (H, W) or (D, H, W), label i + 1 for box i, later boxes on top.

@@ -3,9 +3,10 @@
 Two ways to use it:
 - whole images: `segment_2d(image, boxes)` / `segment_3d(volume, boxes)` return a label map (label i+1 =
   box i, later boxes on top), exactly what `qmedsam predict` writes for the same arrays;
-- interactive: `set_image(image_or_volume)` once, then `predict(box, z=...)` per box. Each slice is encoded
-  the first time a box needs it and its embedding kept (a bounded LRU cache), so every later box on that
-  slice costs only the decoder.
+- interactive: `set_image(image_or_volume)` once, then `predict(box, z=...)` per box, and
+  `predict(box, points=..., point_labels=..., z=...)` to correct a mask with include (1) / exclude (0) clicks.
+  Each slice is encoded the first time a box needs it and its embedding kept (a bounded LRU cache), so every
+  later box or click on that slice costs only the decoder. Stateless: the same inputs give the same mask.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from qmedsam.data.cases import Case, case_from_arrays, image_dimension, validated_image
+from qmedsam.data.clicks import scale_points, validated_clicks
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.engines import ModelChoice, load_engine, resolve_model_dir
 from qmedsam.errors import UserFacingError
@@ -98,23 +100,37 @@ class Segmenter:
         """Seconds spent preprocessing and encoding slices of the current image (decoder time excluded)."""
         return 0.0 if self._encoder is None else self._encoder.encode_seconds
 
-    def predict(self, box: np.ndarray | list[float], z: int | None = None) -> np.ndarray:
-        """Boolean mask of one box on the image given to `set_image`.
+    def predict(
+        self,
+        box: np.ndarray | list[float],
+        points: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        z: int | None = None,
+    ) -> np.ndarray:
+        """Boolean mask of one box on the image given to `set_image`, refined by clicks.
 
         2D image: box [x0, y0, x1, y1] -> (H, W). Volume: a 2D box with `z` -> that slice's (H, W) mask;
         a 3D box [x0, y0, z0, x1, y1, z1] -> (D, H, W) mask by the fixed-box rule over z0..z1.
+        `points` (N, 2) are (x, y) pixel coordinates on the same image (or slice `z`), `point_labels` (N,) 1 =
+        include, 0 = exclude; the box stays (clicks refine a boxed object). Without points, exactly the mask
+        `segment_2d` paints for the box.
         """
         if self._encoder is None or self._dimension is None:
             raise UserFacingError("call set_image(image) before predict(box)")
         volume = self._encoder.volume
         box = np.asarray(box, dtype=np.float64).ravel()
+        if (points is None) != (point_labels is None):
+            raise UserFacingError("predict: points and point_labels go together (one label per point)")
+        clicks = validated_clicks(points, point_labels, volume.shape[1:3], "predict") if points is not None else None
         if self._dimension == 2:
             if z not in (None, 0):
                 raise UserFacingError(f"predict: z={z} given for a 2D image")
-            return self._slice_mask(box, 0, "predict")
+            return self._slice_mask(box, 0, "predict", clicks)
         if box.size == 6:
             if z is not None:
                 raise UserFacingError("predict: give a 3D box [x0, y0, z0, x1, y1, z1] or a 2D box with z, not both")
+            if clicks is not None and len(clicks[0]):
+                raise UserFacingError("predict: clicks refine one slice; give a 2D box with z and the clicks on it")
             case = case_from_arrays(volume, box[None], 3, "predict")
             (x0, y0, z0, x1, y1, z1) = case.boxes[0]
             mask = np.zeros(volume.shape, dtype=bool)
@@ -125,15 +141,22 @@ class Segmenter:
             raise UserFacingError("predict: a 2D box on a volume needs z (the slice index)")
         if not 0 <= int(z) < volume.shape[0]:
             raise UserFacingError(f"predict: z={z} outside the volume (0..{volume.shape[0] - 1})")
-        return self._slice_mask(box, int(z), "predict")
+        return self._slice_mask(box, int(z), "predict", clicks)
 
-    def _slice_mask(self, box: np.ndarray, z: int, source: str) -> np.ndarray:
+    def _slice_mask(
+        self, box: np.ndarray, z: int, source: str, clicks: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         assert self._encoder is not None
         checked = case_from_arrays(self._encoder.volume[z], box[None], 2, source)
         embedding = self._encoder(z)
         geometry = self._encoder.geometry
         assert geometry is not None
-        logits = self.engine.decode(embedding, scale_boxes(checked.boxes, geometry))
+        model_box = scale_boxes(checked.boxes, geometry)
+        if clicks is None or not len(clicks[0]):
+            logits = self.engine.decode(embedding, model_box)
+        else:
+            points, labels = clicks
+            logits = self.engine.decode(embedding, model_box, scale_points(points, geometry)[None], labels[None])
         return postprocess_logits(logits, geometry)[0]
 
 

@@ -1,7 +1,8 @@
 """Export LiteMedSAM to a self-describing OpenVINO model directory and check it against PyTorch.
 
 Directory contents: `encoder.xml/.bin` (`image` 1×3×256×256 -> `image_embedding` 1×256×64×64),
-`decoder.xml/.bin` (`image_embedding`, `boxes` B×1×4 -> `low_res_masks` B×256×256, B dynamic) and
+`decoder.xml/.bin` (`image_embedding`, `boxes` B×1×4, `points` B×N×2, `point_labels` B×N -> `low_res_masks`
+B×256×256, B and N dynamic, N = 0 for a box alone) and
 `meta.json` (sizes, precision, source weights + sha256, versions, parity measured at export).
 """
 
@@ -29,23 +30,41 @@ def convert_float(model, out_dir: Path) -> None:
     import openvino as ov
     import torch
 
-    from qmedsam.model.litemedsam import DecoderForExport
+    from qmedsam.model.litemedsam import DECODER_INPUTS, DecoderForExport
 
     model = model.eval()
     with torch.no_grad():
         encoder = ov.convert_model(
             model.image_encoder, example_input=torch.zeros(1, 3, 256, 256), input=[[1, 3, 256, 256]]
         )
-        example_boxes = torch.tensor([[[10.0, 10.0, 100.0, 100.0]], [[20.0, 30.0, 60.0, 90.0]]])
         decoder = ov.convert_model(
             DecoderForExport(model),
-            example_input=(torch.zeros(1, 256, 64, 64), example_boxes),
-            input=[[1, 256, 64, 64], [-1, 1, 4]],
+            example_input=example_decoder_inputs(),
+            input=[list(shape) for shape in DECODER_INPUT_SHAPES.values()],
         )
     name_io(encoder, ["image"], "image_embedding")
-    name_io(decoder, ["image_embedding", "boxes"], "low_res_masks")
+    name_io(decoder, list(DECODER_INPUTS), "low_res_masks")
     ov.save_model(encoder, str(out_dir / "encoder.xml"), compress_to_fp16=False)
     ov.save_model(decoder, str(out_dir / "decoder.xml"), compress_to_fp16=False)
+
+
+DECODER_INPUT_SHAPES = {
+    "image_embedding": (1, 256, 64, 64),
+    "boxes": (-1, 1, 4),
+    "points": (-1, -1, 2),
+    "point_labels": (-1, -1),
+}
+"""The decoder IR's inputs (-1: dynamic): B boxes against one embedding, N clicks per box (0 for a box alone)."""
+
+
+def example_decoder_inputs():
+    """Tracing inputs for the decoder: two boxes, each with an include and an exclude click."""
+    import torch
+
+    boxes = torch.tensor([[[10.0, 10.0, 100.0, 100.0]], [[20.0, 30.0, 60.0, 90.0]]])
+    points = torch.tensor([[[50.0, 50.0], [20.0, 20.0]], [[40.0, 60.0], [30.0, 35.0]]])
+    point_labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    return torch.zeros(1, 256, 64, 64), boxes, points, point_labels
 
 
 def name_io(ov_model, inputs: list[str], output: str) -> None:
@@ -75,7 +94,7 @@ def base_meta(precision: str, source: dict) -> dict:
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "inputs": {
             "encoder": {"image": [1, 3, 256, 256]},
-            "decoder": {"image_embedding": [1, 256, 64, 64], "boxes": [-1, 1, 4]},
+            "decoder": {name: list(shape) for name, shape in DECODER_INPUT_SHAPES.items()},
         },
         "outputs": {"encoder": "image_embedding", "decoder": "low_res_masks"},
     }

@@ -23,7 +23,7 @@ import numpy as np
 from qmedsam.data.cases import CaseError, load_npz, read_case
 from qmedsam.data.preprocess import mask_box
 from qmedsam.errors import UserFacingError
-from qmedsam.export.fp32 import base_meta, name_io, write_meta
+from qmedsam.export.fp32 import base_meta, example_decoder_inputs, name_io, write_meta
 from qmedsam.export.int8_parity import ParityThresholds, encoder_units, int8_parity
 from qmedsam.export.parity import ParitySample, compare_engines
 from qmedsam.export.staging import staged_directory
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 INT8_PRECISIONS = ("i8", "u8")
 ONNX_OPSET = 17
-EXAMPLE_BOXES = ((10.0, 10.0, 100.0, 100.0), (20.0, 30.0, 60.0, 90.0))
 
 
 # --- real slices for calibration and parity -------------------------------------------------------------
@@ -270,7 +269,7 @@ def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
     import openvino as ov
     import torch
 
-    from qmedsam.model.litemedsam import DecoderForExport
+    from qmedsam.model.litemedsam import DECODER_INPUTS, DecoderForExport
     from qmedsam.model.quant import export_onnx_qcdq
 
     model = model.eval()
@@ -286,18 +285,23 @@ def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
     )
     export_onnx_qcdq(
         DecoderForExport(model),
-        (torch.zeros(1, 256, 64, 64), torch.tensor(EXAMPLE_BOXES).reshape(-1, 1, 4)),
+        example_decoder_inputs(),
         onnx_dir / "decoder.onnx",
-        input_names=["image_embedding", "boxes"],
+        input_names=list(DECODER_INPUTS),
         output_names=["low_res_masks"],
-        dynamic_axes={"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}},
+        dynamic_axes={
+            "boxes": {0: "boxes"},
+            "points": {0: "boxes", 1: "clicks"},
+            "point_labels": {0: "boxes", 1: "clicks"},
+            "low_res_masks": {0: "boxes"},
+        },
         opset_version=ONNX_OPSET,
     )
     units = encoder_units(onnx_dir / "encoder.onnx")
     core = ov.Core()
     for part, inputs, output in (
         ("encoder", ["image"], "image_embedding"),
-        ("decoder", ["image_embedding", "boxes"], "low_res_masks"),
+        ("decoder", list(DECODER_INPUTS), "low_res_masks"),
     ):
         ov_model = core.read_model(str(onnx_dir / f"{part}.onnx"))
         name_io(ov_model, inputs, output)

@@ -21,6 +21,7 @@ from qmedsam.export.fp32 import base_meta, convert_float, write_meta
 from qmedsam.export.int8 import verify_ir
 from qmedsam.export.parity import ParitySample
 from qmedsam.export.staging import staged_directory
+from qmedsam.inference.decoder_io import decoder_feed
 from qmedsam.inference.runtime import TorchEngine
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,15 @@ def _calibration_items(fp32_dir: Path, samples: Sequence[ParitySample]) -> tuple
 
     from qmedsam.model.calibrate import model_inputs
 
-    encoder = ov.Core().compile_model(str(fp32_dir / "encoder.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    core = ov.Core()
+    encoder = core.compile_model(str(fp32_dir / "encoder.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    decoder = core.read_model(str(fp32_dir / "decoder.xml"))
     images, prompts = [], []
     for image, boxes in model_inputs(samples):
         array = image.numpy()
         embedding = np.array(encoder(array)[encoder.output(0)])
         images.append(array)
-        prompts.append({"image_embedding": embedding, "boxes": boxes.numpy().reshape(-1, 1, 4)})
+        prompts.append(decoder_feed(decoder, embedding, boxes.numpy()))
     return images, prompts
 
 

@@ -3,11 +3,12 @@ int8 model and the cached fp32 model live. Export writes this contract; engines 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from qmedsam.errors import UserFacingError
-from qmedsam.files import default_cache_root
+from qmedsam.files import default_cache_root, sha256_file
 from qmedsam.model.weights import WEIGHTS_SHA256
 from qmedsam.version import __version__
 
@@ -60,3 +61,11 @@ def read_model_meta(model_dir: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("image_size", 256) != 256:
         raise UserFacingError(f"{model_dir / 'meta.json'}: expected a JSON object with image_size 256")
     return meta
+
+
+def encoder_sha256(model_dir: Path) -> str:
+    """The identity of a folder's encoder IR (both files): what a decoder trained on its embeddings records."""
+    digest = hashlib.sha256()
+    for name in ("encoder.xml", "encoder.bin"):
+        digest.update(sha256_file(Path(model_dir) / name).encode())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ import numpy as np
 
 from qmedsam.evaluate.metrics import mean_mask_dice
 from qmedsam.files import atomic_write_bytes
+from qmedsam.inference.decoder_io import decoder_feed
 from qmedsam.inference.machine import cpu_name, median_ms, native_bf16
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def measure_precision(
         return np.array(compiled["encoder", hint]({"image": image})[0])
 
     def decode(hint: str, embedding: np.ndarray) -> np.ndarray:
-        return np.array(compiled["decoder", hint]({"image_embedding": embedding, "boxes": boxes})[0])
+        decoder = compiled["decoder", hint]
+        return np.array(decoder(decoder_feed(decoder, embedding, boxes))[0])
 
     reference_embedding = encode("f32")
     reference_masks = decode("f32", reference_embedding) > 0

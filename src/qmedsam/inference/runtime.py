@@ -16,6 +16,7 @@ import numpy as np
 
 from qmedsam.errors import UserFacingError
 from qmedsam.files import default_cache_root
+from qmedsam.inference.decoder_io import checked_clicks, decoder_feed, takes_clicks
 from qmedsam.inference.model_dir import read_model_meta
 from qmedsam.inference.precision import PRECISION_CHOICES, choose_precision, compile_config
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
-    """Encode a preprocessed image once, decode any number of boxes against its embedding."""
+    """Encode a preprocessed image once, decode any number of boxes (with clicks) against its embedding."""
 
     name: str
 
@@ -31,8 +32,15 @@ class Engine(Protocol):
         """(1, 3, 256, 256) float32 in [0, 1] -> (1, 256, 64, 64) float32."""
         ...
 
-    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """Embedding (1, 256, 64, 64) + boxes (B, 4) in 256-space -> logits (B, 256, 256) float32."""
+    def decode(
+        self,
+        embedding: np.ndarray,
+        boxes: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Embedding (1, 256, 64, 64) + boxes (B, 4) in 256-space [+ clicks (B, N, 2) in 256-space, labels (B, N):
+        1 include, 0 exclude, -1 padding] -> logits (B, 256, 256) float32."""
         ...
 
 
@@ -65,9 +73,17 @@ class TorchEngine:
         with self._torch.inference_mode():
             return self.model.encode(self._tensor(image)).cpu().numpy().astype(np.float32, copy=False)
 
-    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def decode(
+        self,
+        embedding: np.ndarray,
+        boxes: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        points, point_labels = checked_clicks(boxes, points, point_labels)
+        clicks = (self._tensor(points), self._tensor(point_labels)) if points.shape[1] else (None, None)
         with self._torch.inference_mode():
-            logits, _ = self.model.decode(self._tensor(embedding), self._tensor(boxes).reshape(-1, 4))
+            logits, _ = self.model.decode(self._tensor(embedding), self._tensor(boxes).reshape(-1, 4), False, *clicks)
         return logits[:, 0].cpu().numpy().astype(np.float32, copy=False)
 
 
@@ -112,6 +128,7 @@ class OpenVINOEngine:
         self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", decoder_config)
         self._encode_request = self.encoder.create_infer_request()
         self._decode_request = self.decoder.create_infer_request()
+        self.takes_clicks = takes_clicks(self.decoder)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         result = self._encode_request.infer(
@@ -119,13 +136,17 @@ class OpenVINOEngine:
         )
         return np.array(result[self.encoder.output(0)])
 
-    def decode(self, embedding: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        boxes = np.ascontiguousarray(boxes, np.float32).reshape(-1, 1, 4)
-        result = self._decode_request.infer(
-            {"image_embedding": np.ascontiguousarray(embedding, np.float32), "boxes": boxes},
-            share_inputs=False,
-            share_outputs=False,
-        )
+    def decode(
+        self,
+        embedding: np.ndarray,
+        boxes: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """A decoder exported before clicks (inputs `image_embedding` and `boxes` only) still serves boxes;
+        asking it for clicks is refused by name."""
+        feed = decoder_feed(self.decoder, embedding, boxes, points, point_labels, self.model_dir)
+        result = self._decode_request.infer(feed, share_inputs=False, share_outputs=False)
         return np.array(result[self.decoder.output(0)])
 
     def runtime_precisions(self) -> dict[str, dict[str, int]]:

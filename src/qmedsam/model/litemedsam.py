@@ -23,7 +23,8 @@ EMBEDDING_SHAPE = (256, 64, 64)
 
 
 class LiteMedSAM(nn.Module):
-    """Box-prompted segmentation: `encode` an image once, `decode` any number of boxes against it."""
+    """Box-prompted segmentation refined by clicks: `encode` an image once, `decode` any number of boxes (each
+    with the same number of clicks, padded with label -1) against it."""
 
     def __init__(self, encoder_layers: LayerFactory = FLOAT_LAYERS, decoder_layers: LayerFactory = FLOAT_LAYERS):
         super().__init__()
@@ -38,10 +39,16 @@ class LiteMedSAM(nn.Module):
         return self.image_encoder(image)
 
     def decode(
-        self, embedding: torch.Tensor, boxes: torch.Tensor, multimask_output: bool = False
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor,
+        multimask_output: bool = False,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding (1 or B, 256, 64, 64) + boxes (B, 4) in 256-space -> logits (B, M, 256, 256), IoU (B, M)."""
-        sparse, dense = self.prompt_encoder(boxes.reshape(-1, 4))
+        """Embedding (1 or B, 256, 64, 64) + boxes (B, 4) in 256-space [+ clicks (B, N, 2) in 256-space with
+        labels (B, N): 1 include, 0 exclude, -1 padding] -> logits (B, M, 256, 256), IoU (B, M)."""
+        sparse, dense = self.prompt_encoder(boxes.reshape(-1, 4), points, point_labels)
         return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
 
     def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -50,15 +57,22 @@ class LiteMedSAM(nn.Module):
 
 
 class DecoderForExport(nn.Module):
-    """Prompt encoder + mask decoder with a fixed I/O contract for OpenVINO:
-    `image_embedding` (1, 256, 64, 64), `boxes` (B, 1, 4) -> `low_res_masks` (B, 256, 256)."""
+    """Prompt encoder + mask decoder with a fixed I/O contract for OpenVINO: `image_embedding` (1, 256, 64, 64),
+    `boxes` (B, 1, 4), `points` (B, N, 2), `point_labels` (B, N) -> `low_res_masks` (B, 256, 256); N may be 0
+    (a box alone: the same tokens, and the same cost, as a box-only decoder)."""
 
     def __init__(self, model: LiteMedSAM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
+    def forward(
+        self, image_embedding: torch.Tensor, boxes: torch.Tensor, points: torch.Tensor, point_labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.decode(image_embedding, boxes.reshape(-1, 4), False, points, point_labels)[0][:, 0]
+
+
+DECODER_INPUTS = ("image_embedding", "boxes", "points", "point_labels")
+"""The decoder IR's inputs, in order (a model folder exported before clicks has the first two)."""
 
 
 def build_litemedsam() -> LiteMedSAM:

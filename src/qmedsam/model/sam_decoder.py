@@ -1,4 +1,4 @@
-"""SAM prompt encoder, two-way transformer and mask decoder (box prompts, as LiteMedSAM uses them).
+"""SAM prompt encoder, two-way transformer and mask decoder (a box, and clicks that refine it).
 
 Parameter names follow segment-anything so the LiteMedSAM checkpoint loads strictly. The prompt
 encoder always stays float; the transformer and mask head take layers from a `LayerFactory`.
@@ -41,8 +41,13 @@ class PositionEmbeddingRandom(nn.Module):
         return self._encode(coords.to(self.positional_encoding_gaussian_matrix.dtype) * scale)
 
 
+NOT_A_POINT = -1.0
+"""Point label of padding (SAM's): lets a batch of prompts with fewer clicks share one points array."""
+
+
 class PromptEncoder(nn.Module):
-    """Encodes box prompts (two corner tokens); points and masks are kept for checkpoint compatibility."""
+    """Encodes a box (two corner tokens) and clicks (one token each: SAM's point embeddings, label 1 include,
+    0 exclude, -1 padding); the mask-prompt layers are kept for checkpoint compatibility."""
 
     def __init__(
         self,
@@ -80,10 +85,32 @@ class PromptEncoder(nn.Module):
         offsets = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
         return corners + offsets.unsqueeze(0)
 
-    def forward(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sparse (B, 2, C), dense (1, C, h, w)): without mask prompts the dense embedding is the same for
-        every box, so it has batch 1 and broadcasts (the decoder relies on this to share work between boxes)."""
+    def embed_points(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2) clicks (x, y) in input-image pixels + (B, N) labels -> (B, N, C) sparse embeddings.
+        Written as float arithmetic on the labels (no indexing) so the exported graph takes any N."""
+        coords = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
+        labels = labels.to(coords.dtype).unsqueeze(-1)
+        padding = (labels == NOT_A_POINT).to(coords.dtype)
+        include = (labels == 1).to(coords.dtype)
+        exclude = (labels == 0).to(coords.dtype)
+        return (
+            coords * (1 - padding)
+            + padding * self.not_a_point_embed.weight
+            + exclude * self.point_embeddings[0].weight
+            + include * self.point_embeddings[1].weight
+        )
+
+    def forward(
+        self, boxes: torch.Tensor, points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparse (B, N + 2, C), dense (1, C, h, w)): the clicks' tokens then the box's (SAM's order); without
+        clicks exactly the box's two. Without mask prompts the dense embedding is the same for every box, so it
+        has batch 1 and broadcasts (the decoder relies on this to share work between boxes)."""
         sparse = self.embed_boxes(boxes)
+        if points is not None:
+            if point_labels is None:
+                raise ValueError("points need point_labels")
+            sparse = torch.cat([self.embed_points(points, point_labels), sparse], dim=1)
         height, width = self.image_embedding_size
         dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
         return sparse, dense

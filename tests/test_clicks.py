@@ -1,0 +1,169 @@
+"""Clicks as prompts: the model's point tokens, the exported decoder's variable number of clicks, the Python
+API's validation, and a model folder exported before clicks still serving boxes (real OpenVINO, real demo data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmedsam import Segmenter
+from qmedsam.data.cases import CaseError, read_case
+from qmedsam.data.clicks import scale_points, validated_clicks
+from qmedsam.data.preprocess import geometry_for, preprocess_image, scale_boxes
+from qmedsam.errors import UserFacingError
+from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
+
+
+@pytest.fixture(scope="module")
+def ct_case(demo_dir: Path):
+    return read_case(demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz")
+
+
+def test_clicks_are_tokens_before_the_box_and_none_is_the_box_alone(pretrained_model):
+    """No clicks: exactly the two box tokens (the box-only model). Clicks: one token each, SAM's include /
+    exclude embeddings; padding (-1) is SAM's not-a-point token, and it changes nothing else."""
+    prompt = pretrained_model.prompt_encoder
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0]])
+    alone, dense = prompt(boxes)
+    assert alone.shape == (1, 2, 256) and dense.shape == (1, 256, 64, 64)
+    points = torch.tensor([[[50.0, 60.0], [70.0, 80.0], [0.0, 0.0]]])
+    labels = torch.tensor([[1.0, 0.0, -1.0]])
+    sparse, _ = prompt(boxes, points, labels)
+    assert sparse.shape == (1, 5, 256)
+    torch.testing.assert_close(sparse[:, 3:], alone)  # the box's tokens follow the clicks', unchanged
+    position = prompt.pe_layer.forward_with_coords(points + 0.5, (256, 256))
+    torch.testing.assert_close(sparse[0, 0], position[0, 0] + prompt.point_embeddings[1].weight[0])
+    torch.testing.assert_close(sparse[0, 1], position[0, 1] + prompt.point_embeddings[0].weight[0])
+    torch.testing.assert_close(sparse[0, 2], prompt.not_a_point_embed.weight[0])
+    with pytest.raises(ValueError, match="point_labels"):
+        prompt(boxes, points, None)
+
+
+def test_exported_decoder_takes_any_number_of_clicks_and_none(
+    fp32_model_dir: Path, ov_cache_dir, pretrained_model, ct_case
+):
+    """The IR's `points` / `point_labels` are dynamic: 0 clicks is the box-only decoder (same masks as PyTorch's
+    box-only decode), 1 and 3 clicks match PyTorch with the same clicks."""
+    meta = json.loads((fp32_model_dir / "meta.json").read_text())
+    assert meta["inputs"]["decoder"] == {
+        "image_embedding": [1, 256, 64, 64],
+        "boxes": [-1, 1, 4],
+        "points": [-1, -1, 2],
+        "point_labels": [-1, -1],
+    }
+    engine = OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir)
+    reference = TorchEngine(pretrained_model)
+    assert engine.takes_clicks
+    tensor, geometry = preprocess_image(ct_case.image)
+    boxes = scale_boxes(ct_case.boxes[:3], geometry)
+    embedding = engine.encode(tensor)
+    rng = np.random.default_rng(0)
+    for clicks in (0, 1, 3):
+        points = rng.uniform(boxes[:, None, :2], boxes[:, None, 2:], size=(3, clicks, 2)).astype(np.float32)
+        labels = rng.integers(0, 2, size=(3, clicks)).astype(np.float32)
+        args = (points, labels) if clicks else ()
+        ours, theirs = engine.decode(embedding, boxes, *args), reference.decode(embedding, boxes, *args)
+        assert ours.shape == (3, 256, 256)
+        assert np.abs(ours - theirs).max() < 1e-2  # fp32 IR vs PyTorch: float rounding only
+        assert np.array_equal(ours > 0, theirs > 0) or np.mean((ours > 0) != (theirs > 0)) < 1e-3
+    np.testing.assert_array_equal(
+        engine.decode(embedding, boxes), engine.decode(embedding, boxes, np.zeros((3, 0, 2)), np.zeros((3, 0)))
+    )
+
+
+def test_predict_without_clicks_is_segment_2d_and_clicks_change_the_mask(fp32_model_dir, ov_cache_dir, ct_case):
+    segmenter = Segmenter(engine=OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir))
+    segmenter.set_image(ct_case.image)
+    box = ct_case.boxes[0]
+    alone = segmenter.predict(box)
+    painted = segmenter.segment_2d(ct_case.image, box[None])
+    np.testing.assert_array_equal(alone, painted == 1)
+    np.testing.assert_array_equal(segmenter.predict(box, points=np.zeros((0, 2)), point_labels=np.zeros(0)), alone)
+    x0, y0, x1, y1 = box
+    inside = [[(x0 + x1) / 2, (y0 + y1) / 2]]
+    clicked = segmenter.predict(box, points=inside, point_labels=[0])
+    assert clicked.shape == alone.shape and not np.array_equal(clicked, alone)
+    np.testing.assert_array_equal(segmenter.predict(box, points=inside, point_labels=[0]), clicked)  # stateless
+    assert segmenter.encoded_slices == 1  # every call decoded against the one cached embedding
+
+
+@pytest.mark.parametrize(
+    ("points", "labels", "message"),
+    [
+        ([[10, 10, 1]], [1], r"points has shape \(1, 3\); expected \(N, 2\)"),
+        ([[10, 10]], [1, 0], r"point_labels has shape \(2,\); expected \(1,\)"),
+        ([[10, np.nan]], [1], r"point 0 is \[10.0, nan\]; expected finite"),
+        ([[10, 10]], [2], r"point_labels\[0\] is 2.0; expected 1 \(include\) or 0 \(exclude\)"),
+        ([[5, 5], [40, 3]], [1, 1], r"point 1 \(x, y\) = \[40.0, 3.0\] is outside the 32x16 image"),
+        ([[-0.5, 3]], [1], r"outside the 32x16 image"),
+        ("ab", [1], r"points and point_labels must be numbers"),
+    ],
+)
+def test_bad_clicks_are_refused_by_name(points, labels, message):
+    with pytest.raises(CaseError, match=message):
+        validated_clicks(points, labels, (16, 32), "predict")
+
+
+def test_clicks_map_into_model_space_like_the_image():
+    """A pixel's centre lands on the same place of the resized image: (p + 0.5) * scale - 0.5."""
+    geometry = geometry_for(512, 256)  # scale 0.5
+    np.testing.assert_allclose(
+        scale_points(np.array([[0, 0], [255, 511]]), geometry), [[-0.25, -0.25], [127.25, 255.25]]
+    )
+    points, labels = validated_clicks([[0, 0], [31, 15]], [1, 0], (16, 32), "x")
+    assert points.dtype == np.float64 and labels.dtype == np.float32 and labels.tolist() == [1.0, 0.0]
+
+
+def test_predict_refuses_half_a_click_and_clicks_with_a_3d_box(fp32_model_dir, ov_cache_dir):
+    segmenter = Segmenter(engine=OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir))
+    segmenter.set_image(np.zeros((3, 32, 32), np.uint8))
+    with pytest.raises(UserFacingError, match="points and point_labels go together"):
+        segmenter.predict([1, 1, 0, 9, 9, 2], points=[[2, 2]])
+    with pytest.raises(UserFacingError, match="clicks refine one slice"):
+        segmenter.predict([1, 1, 0, 9, 9, 2], points=[[2, 2]], point_labels=[1])
+    with pytest.raises(CaseError, match="outside the 32x32 image"):
+        segmenter.predict([1, 1, 9, 9], points=[[40, 2]], point_labels=[1], z=1)
+
+
+def test_a_model_folder_from_before_clicks_serves_boxes_and_refuses_clicks(
+    fp32_model_dir, tmp_path, ov_cache_dir, pretrained_model, ct_case
+):
+    """Older folders (decoder inputs `image_embedding`, `boxes` only) keep working for boxes; clicks are refused
+    with the folder's name, not an OpenVINO error."""
+    import openvino as ov
+
+    from qmedsam.export.fp32 import name_io
+
+    class BoxOnlyDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image_embedding, boxes):
+            return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
+
+    old = tmp_path / "old"
+    shutil.copytree(fp32_model_dir, old)
+    with torch.no_grad():
+        decoder = ov.convert_model(
+            BoxOnlyDecoder(pretrained_model),
+            example_input=(torch.zeros(1, 256, 64, 64), torch.tensor([[[10.0, 10.0, 90.0, 90.0]]])),
+            input=[[1, 256, 64, 64], [-1, 1, 4]],
+        )
+    name_io(decoder, ["image_embedding", "boxes"], "low_res_masks")
+    ov.save_model(decoder, str(old / "decoder.xml"), compress_to_fp16=False)
+    engine = OpenVINOEngine(old, cache_dir=ov_cache_dir)
+    assert not engine.takes_clicks
+    segmenter = Segmenter(engine=engine)
+    segmenter.set_image(ct_case.image)
+    new = Segmenter(engine=OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir))
+    new.set_image(ct_case.image)
+    np.testing.assert_array_equal(segmenter.predict(ct_case.boxes[0]), new.predict(ct_case.boxes[0]))
+    with pytest.raises(UserFacingError, match=r"old: this model's decoder takes boxes only \(exported before clicks\)"):
+        segmenter.predict(ct_case.boxes[0], points=[[100, 100]], point_labels=[1])
+
