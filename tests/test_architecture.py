@@ -14,12 +14,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("qmedsam.version", "qmedsam.errors", "qmedsam.files", "qmedsam.typed_config"),
     # the case contract and preprocessing; scans (NIfTI, DICOM, boxes, windows); scores of arrays and files
     ("qmedsam.data",),
-    ("qmedsam.scans", "qmedsam.evaluate.surface", "qmedsam.evaluate.metrics"),
+    ("qmedsam.scans", "qmedsam.evaluate.surface", "qmedsam.evaluate.metrics", "qmedsam.evaluate.interaction"),
     ("qmedsam.model",),
     ("qmedsam.inference",),
     # the training dataset SDK and the recipes that build trees from package registries
     ("qmedsam.datasets",),
-    ("qmedsam.export", "qmedsam.train", "qmedsam.evaluate.report"),
+    ("qmedsam.export", "qmedsam.train", "qmedsam.evaluate.report", "qmedsam.evaluate.click_protocol"),
     # one way to load an engine (builds -m fp32 through export), and the benchmarks on top of it
     ("qmedsam.engines", "qmedsam.benchmark"),
     ("qmedsam.segmenter",),

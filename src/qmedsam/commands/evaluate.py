@@ -1,4 +1,5 @@
-"""`qmedsam evaluate`: the challenge's DSC and NSD per case, modality and overall, with runtime and a report."""
+"""`qmedsam evaluate`: the challenge's DSC and NSD per case, modality and overall, with runtime and a report;
+with `--clicks K`, a model run with K simulated corrective clicks per object and the metrics after each click."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from qmedsam.engines import load_engine
 from qmedsam.errors import UserFacingError
+from qmedsam.evaluate.click_protocol import (
+    evaluate_clicks_folder,
+    format_click_table,
+    summarise_clicks,
+    write_clicks_csv,
+)
 from qmedsam.evaluate.metrics import evaluate_folder, read_timing, summarise
 from qmedsam.evaluate.report import (
     format_table,
@@ -52,6 +60,24 @@ lowest-DSC cases (needs matplotlib; images from --images).
 
 Missing or extra predictions, mismatched shapes and bad spacings are reported per case while the rest is
 scored; the exit code is then 1.
+
+Interactive use (--clicks K): instead of reading --pred, the model (-m, --engine, --precision, --threads,
+--checkpoint, as in `qmedsam predict`) segments every --gt case from its case file in --images, then each
+object gets up to K simulated corrective clicks, deterministic: the next click is the interior point of the
+largest error region of that object's current mask against its ground truth (label i+1 = box i) farthest from
+the region's border, the image edge counting as border (include where the mask misses, exclude where it
+overshoots; 3D in mm with the spacing above). Every click so far goes with the box; 3D objects are predicted
+with the fixed-box rule and a click re-decodes only the slice it lands on (with the object's xy box, also
+outside its z range). An object with an exact mask gets no more clicks. After each round the case is scored
+as above (case DSC = mean over labels 1..max(gt) of the label map holding every object, painted in box order
+as predict writes it; the NSD rule chosen). Click 0 (boxes only) is what `qmedsam evaluate` gives for
+`qmedsam predict`'s masks of the same model. AUC = the trapezoid area under the case DSC over clicks 0..K,
+divided by K (in [0, 1]). Each image or slice is encoded once (4 MiB kept per slice of a case); a click costs
+one decoder call. Outputs in --out (required): metrics.csv, cases.csv and summary.json as above for click 0,
+summary.json's "clicks" section (DSC and NSD per click and the AUC per case, modality and overall) and
+clicks.csv (case, modality, click, dsc, nsd); the table printed is the mean DSC per click per modality.
+A model whose decoder takes boxes only is refused up front (so far the shipped int8 model, the default: use
+-m fp32, a click-trained model folder or --engine torch). --pred, --timing and --report do not apply.
 """
 
 
@@ -62,13 +88,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--pred", required=True, type=Path, help="folder of prediction .npz files (key segs)")
+    parser.add_argument(
+        "--pred", type=Path, default=None, help="folder of prediction .npz files (key segs); not with --clicks"
+    )
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth .npz files (key gts)")
     parser.add_argument(
         "--images",
         type=Path,
         default=None,
-        help="folder of the case files (imgs, spacing): figures, and spacing when the gt file has none",
+        help="folder of the case files (imgs, spacing): figures, and spacing when the gt file has none; with "
+        "--clicks the cases segmented (imgs, boxes)",
     )
     parser.add_argument(
         "--timing",
@@ -77,12 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="timing.csv from `qmedsam predict` (columns case,seconds,status); default: <pred>/timing.csv if it "
         "exists. Median seconds per case use rows with status ok",
     )
-    parser.add_argument("--report", type=Path, default=None, help="folder for report.html, figures and the tables")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="folder for report.html, figures and the tables; not with --clicks"
+    )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="folder for metrics.csv, cases.csv and summary.json (default: --report, else --pred)",
+        help="folder for metrics.csv, cases.csv and summary.json (default: --report, else --pred; required with "
+        "--clicks)",
     )
     parser.add_argument(
         "--nsd-rule",
@@ -104,9 +136,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=_default_workers(),
-        help=f"processes evaluating cases in parallel (default min(4, CPUs) = {_default_workers()})",
+        help=f"processes evaluating cases in parallel (default min(4, CPUs) = {_default_workers()}); --clicks runs "
+        "one case at a time (the model uses the cores)",
     )
     parser.add_argument("--worst", type=int, default=6, help="cases drawn in the report (lowest DSC; default 6)")
+    clicks = parser.add_argument_group("interactive use: simulated corrective clicks (see above)")
+    clicks.add_argument(
+        "--clicks",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run the model on --images and give each object up to K corrective clicks; DSC/NSD after each click "
+        "and AUC = trapezoid area under DSC over clicks 0..K divided by K",
+    )
+    clicks.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="as in `qmedsam predict`: 'int8' (the shipped model, the default; refused while its decoder takes "
+        "boxes only), 'fp32' (the pretrained weights, built once into the user cache) or an OpenVINO model "
+        "directory from `qmedsam export`",
+    )
+    clicks.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
+    clicks.add_argument(
+        "--precision",
+        choices=["auto", "f32", "bf16"],
+        default="auto",
+        help="OpenVINO precision, as in `qmedsam predict` (default auto)",
+    )
+    clicks.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    clicks.add_argument("--checkpoint", type=Path, default=None, help="torch engine: float state dict to load")
+    clicks.add_argument("--batch", type=int, default=16, help="boxes per decoder call at click 0 (default 16)")
     parser.set_defaults(func=run)
 
 
@@ -129,6 +189,24 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--workers must be at least 1 (got {args.workers})")
     if not args.tolerance > 0:
         raise UserFacingError(f"--tolerance must be a positive number of mm (got {args.tolerance})")
+    if args.clicks is not None:
+        return run_clicks(args)
+    if args.pred is None:
+        raise UserFacingError("--pred is required (or --clicks K with --images to run a model)")
+    model_options = [
+        option
+        for option, value, default in (
+            ("-m/--model", args.model, None),
+            ("--engine", args.engine, "openvino"),
+            ("--precision", args.precision, "auto"),
+            ("--threads", args.threads, None),
+            ("--checkpoint", args.checkpoint, None),
+            ("--batch", args.batch, 16),
+        )
+        if value != default
+    ]
+    if model_options:
+        raise UserFacingError(f"{', '.join(model_options)} apply with --clicks (which runs a model); --pred is scored")
     timing_path = args.timing
     if timing_path is None and (args.pred / "timing.csv").is_file():
         timing_path = args.pred / "timing.csv"
@@ -163,6 +241,68 @@ def run(args: argparse.Namespace) -> int:
     _print_list("warning", summary["warnings"])
     _print_list("error", summary["errors"])
     print(format_table(summary))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_clicks(args: argparse.Namespace) -> int:
+    """`--clicks K`: the model segments --images, K simulated clicks per object, metrics after each click."""
+    if args.clicks < 1:
+        raise UserFacingError(f"--clicks must be at least 1 (got {args.clicks})")
+    if args.batch < 1:
+        raise UserFacingError("--batch must be at least 1")
+    refused = [
+        option
+        for option, value in (("--pred", args.pred), ("--timing", args.timing), ("--report", args.report))
+        if value is not None
+    ]
+    if refused:
+        raise UserFacingError(f"{', '.join(refused)} cannot be used with --clicks (the model makes the predictions)")
+    if args.images is None or args.out is None:
+        raise UserFacingError("--clicks needs --images (the case files) and --out (the folder for the results)")
+    for option, folder in (("--images", args.images), ("--gt", args.gt)):
+        if not folder.is_dir():  # before the model loads
+            raise UserFacingError(f"{option} {folder} is not a folder")
+    engine = load_engine(
+        args.model, engine=args.engine, precision=args.precision, threads=args.threads, checkpoint=args.checkpoint
+    )
+    if getattr(engine, "takes_clicks", True) is False:
+        where = getattr(engine, "model_dir", args.model)
+        raise UserFacingError(
+            f"{where}: this model's decoder takes boxes only (exported without click inputs, as the shipped int8 "
+            "model still is); use -m fp32, a click-trained model directory, or --engine torch"
+        )
+    evaluation = evaluate_clicks_folder(
+        engine,
+        args.images,
+        args.gt,
+        args.clicks,
+        nsd_rule=args.nsd_rule,
+        tolerance=args.tolerance,
+        spacing_order=args.spacing_order,
+        batch=args.batch,
+    )
+    summary = summarise(evaluation.evaluation)
+    summary["settings"]["timing"] = None
+    summary["warnings"].extend(evaluation.warnings)
+    summary["clicks"] = summarise_clicks(evaluation)
+    out_dir = args.out
+    try:
+        written = [
+            write_metrics_csv(evaluation.evaluation, out_dir / "metrics.csv"),
+            write_cases_csv(evaluation.evaluation, out_dir / "cases.csv"),
+            write_clicks_csv(evaluation, out_dir / "clicks.csv"),
+            write_summary_json(summary, out_dir / "summary.json"),
+        ]
+    except OSError as exc:
+        raise UserFacingError(f"cannot write the results to {out_dir}: {exc}") from None
+
+    _print_list("warning", summary["warnings"])
+    _print_list("error", summary["errors"])
+    print(format_click_table(summary["clicks"], summary["settings"]))
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if summary["errors"]:
         print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
