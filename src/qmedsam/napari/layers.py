@@ -7,7 +7,7 @@ integers, so a corner is rounded to the pixel it lies in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,17 +22,46 @@ FEATURES = {"label": 0, "z0": -1, "z1": -1}
 """Per-rectangle features the widget keeps on its Shapes layer: the label the box paints (0 = not yet
 assigned) and, in 3D, the box's z range."""
 
+CLICK_FEATURES = {"object": 0, "label": 1}
+"""Per-point features of the widget's clicks layer: the object (its box's label) the click refines and the
+click's label as `Segmenter.predict` takes it (1 include, 0 exclude)."""
+
+
+def no_clicks() -> np.ndarray:
+    return np.zeros((0, 4), np.float64)
+
 
 @dataclass(frozen=True)
 class BoxJob:
-    """One box to segment: `label` is painted where its mask is; `box` is in the case format."""
+    """One box to segment: `label` is painted where its mask is; `box` is in the case format. `clicks` (N, 4)
+    rows (x, y, z, label) are the object's clicks (z = 0 in 2D), each used on its own slice; `z` set: a click job
+    on a volume, only that slice is decoded again (the rest of the object's mask stays)."""
 
     label: int
     box: np.ndarray
+    clicks: np.ndarray = field(default_factory=no_clicks)
+    z: int | None = None
 
     @property
     def is_3d(self) -> bool:
         return self.box.size == 6
+
+    def clicks_on(self, z: int) -> dict[str, np.ndarray]:
+        """`Segmenter.predict` keyword arguments for the clicks on slice `z` (none: no keywords, the box alone)."""
+        on = self.clicks[np.rint(self.clicks[:, 2]) == z]
+        if not len(on):
+            return {}
+        return {"points": on[:, :2], "point_labels": on[:, 3]}
+
+
+@dataclass(frozen=True)
+class ObjectPrompts:
+    """What made one object's mask: its `label`, its case-format `box` and its clicks, (N, 4) rows (x, y, z,
+    label) in the image's pixel coordinates (z = 0 in 2D)."""
+
+    label: int
+    box: np.ndarray
+    clicks: np.ndarray = field(default_factory=no_clicks)
 
 
 def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
