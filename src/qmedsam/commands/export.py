@@ -2,7 +2,8 @@
 
 Three kinds, one directory contract: fp32 (default), Brevitas int8 (`--quant SPEC`: a QAT checkpoint,
 or float weights calibrated on `--calib`), and NNCF post-training int8 (`--ptq --calib DIR`), the
-comparison point for QAT.
+comparison point for QAT. A checkpoint of the click recipe (`qmedsam train --config configs/train/clicks.yaml`)
+is recognised by what it holds: its int8 decoder is exported beside the int8 encoder it was trained on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from qmedsam.data.cases import CaseError, read_case
 from qmedsam.errors import UserFacingError
+from qmedsam.export.click_decoder import export_click_decoder
 from qmedsam.export.fp32 import export_float, portable_path, pretrained_source
 from qmedsam.export.int8 import export_int8, real_slices
 from qmedsam.export.int8_parity import ParityThresholds
@@ -22,6 +24,7 @@ from qmedsam.export.parity import ParitySample
 from qmedsam.export.ptq import export_ptq
 from qmedsam.export.staging import check_replaceable
 from qmedsam.files import sha256_file
+from qmedsam.inference.model_dir import encoder_sha256, is_model_dir, shipped_int8_model_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,6 +114,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(never under 0.95)",
     )
     parser.add_argument(
+        "--encoder-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="click-trained checkpoint: the int8 model folder whose encoder it was trained on (default: the folder "
+        "the checkpoint names, else the shipped int8 model; its encoder's SHA-256 must match the checkpoint's)",
+    )
+    parser.add_argument(
         "--save-quantized",
         type=Path,
         default=None,
@@ -172,7 +183,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--calib {args.calib}: not a folder")
 
     check_replaceable(args.out, args.force)  # before minutes of work, and again before the swap
-    if args.quant is not None:
+    click_state = _click_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    if click_state is not None:
+        meta = run_click_decoder(args, click_state)
+    elif args.encoder_from is not None:
+        raise UserFacingError("--encoder-from is for checkpoints of the click recipe (configs/train/clicks.yaml)")
+    elif args.quant is not None:
         meta = run_brevitas(args)
     elif args.ptq:
         meta = run_ptq(args)
@@ -239,3 +255,59 @@ def run_ptq(args: argparse.Namespace) -> dict:
     samples, samples_from = _int8_parity_samples(args)
     dice = {} if args.min_mask_dice is None else {"min_mask_dice": args.min_mask_dice}
     return export_ptq(model, args.out, _source(args), slices, samples, samples_from, **dice, force=args.force)
+
+
+def _click_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's contents if the click recipe wrote it, else None (any other checkpoint)."""
+    import torch
+
+    if not path.is_file():
+        raise UserFacingError(f"--checkpoint {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise UserFacingError(f"--checkpoint {path}: not a readable weights-only PyTorch checkpoint ({exc})") from None
+    return state if isinstance(state, dict) and state.get("recipe") == "clicks" else None
+
+
+def run_click_decoder(args: argparse.Namespace, state: dict) -> dict:
+    """Click-trained checkpoint -> its int8 decoder exported beside the encoder IR it was trained on."""
+    from qmedsam.model.quant import QuantSpec, build_quantized
+
+    if args.quant is not None or args.ptq:
+        raise UserFacingError(
+            f"{args.checkpoint}: a click-trained checkpoint carries its own quant spec; drop --quant/--ptq"
+        )
+    for key in ("model", "quant_spec", "encoder_sha256"):
+        if key not in state:
+            raise UserFacingError(f"{args.checkpoint}: click-training checkpoint without key {key!r}")
+    spec = QuantSpec.from_dict(state["quant_spec"], f"{args.checkpoint}: quant_spec")
+    model = build_quantized(spec)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise UserFacingError(f"{args.checkpoint}: weights do not fit its own quant spec: {exc}") from None
+    model.eval()
+    expected = str(state["encoder_sha256"])
+    candidates = (
+        [args.encoder_from]
+        if args.encoder_from
+        else [Path(str(state.get("encoder_model", ""))), shipped_int8_model_dir()]
+    )
+    encoder_dir = next((c for c in candidates if is_model_dir(c) and encoder_sha256(c) == expected), None)
+    if encoder_dir is None:
+        raise UserFacingError(
+            f"{args.checkpoint}: no model folder among {[str(c) for c in candidates]} has the encoder it was trained "
+            f"on (SHA-256 {expected[:12]}); give it with --encoder-from DIR"
+        )
+    if args.calib is None and args.parity_cases is None:
+        raise UserFacingError("the export needs real slices for its parity check: give --parity-cases or --calib")
+    samples, samples_from = _int8_parity_samples(args)
+    thresholds = ParityThresholds()
+    if args.min_decoder_dice is not None:
+        thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
+    spec_file = state.get("quant_spec_file")
+    source = {**_source(args), "recipe": "clicks", "quant_spec": portable_path(spec_file) if spec_file else None}
+    return export_click_decoder(
+        model, spec, encoder_dir, expected, args.out, source, samples, samples_from, thresholds, force=args.force
+    )

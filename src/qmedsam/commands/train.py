@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qmedsam.errors import UserFacingError
-from qmedsam.train.config import load_config
+from qmedsam.train.config import ClickConfig, load_config
 
 STAGE_FILES = {
     1: "stage1_quant_encoder.yaml",
@@ -34,8 +34,11 @@ def register(subparsers) -> None:
             "encoder with the fp32 teacher, stage 2 encoder + decoder quantized with the decoder trained, stage 3 "
             "both trained with the teacher. Run under `torchrun --nproc-per-node N -m qmedsam train ...` for DDP. "
             "Writes out_dir/{init,last,best}.pt, metrics.jsonl and curves.png; export the result with "
-            "`qmedsam export --quant SPEC --checkpoint out_dir/best.pt`. A stage whose estimated peak memory (per "
-            "process, times the processes on this node) exceeds the available memory is refused before anything "
+            "`qmedsam export --quant SPEC --checkpoint out_dir/best.pt`. `--config configs/train/clicks.yaml` runs the "
+            "click recipe instead: the int8 decoder and point embeddings learn corrective clicks on cached embeddings "
+            "of the shipped int8 encoder (export with `qmedsam export --checkpoint out_dir/best.pt`). A stage whose "
+            "estimated peak memory (per process, times the processes on this node) exceeds the available memory is "
+            "refused before anything "
             "is built, saying what would fit (batch_size, processes); QMEDSAM_SKIP_MEMORY_CHECK=1 skips that check."
         ),
     )
@@ -90,6 +93,11 @@ def run(args) -> int:
         if args.config is None and not args.overrides:
             raise UserFacingError("give --config FILE (and/or --set key=value), or --stages 1,2,3")
         config = load_config(args.config, args.overrides)
+        if isinstance(config, ClickConfig):
+            from qmedsam.train.clicks import train_clicks
+
+            print(f"best checkpoint: {train_clicks(config, args.resume)}")
+            return 0
         best = train(config, args.resume)
         if dist_env().is_main:
             print(f"best checkpoint: {best}")

@@ -147,7 +147,98 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PATH_KEYS = ("quant_spec", "init_checkpoint", "teacher_cache", "data_root", "out_dir")
+RECIPE = "clicks"
+
+
+@dataclass(frozen=True)
+class ClickConfig:
+    """Keys of the click recipe (`configs/train/clicks.yaml`). Paths are resolved against the config file's folder."""
+
+    recipe: Literal["clicks"] = RECIPE
+    data_root: str = "data/train"
+    train_split: str = "train"
+    val_split: str = "validation"
+    encoder_model: str | None = None
+    """Model folder whose int8 encoder makes the embeddings the decoder learns on, and which the exported model
+    keeps (null: the shipped int8 model)."""
+    quant_spec: str | None = None
+    """QuantSpec YAML for the decoder (its mask_decoder part; null: the spec recorded in the encoder model's
+    meta.json, which the shipped decoder was quantized with)."""
+    init_checkpoint: str | None = None
+    """Weights to start from (null: the pretrained LiteMedSAM; else a float state dict or a click run's
+    checkpoint, whose calibrated quantizers are kept)."""
+    slice_stride: int = 2
+    """Every this-many-th labelled slice of a volume (neighbours are near copies)."""
+    views_per_slice: int = 2
+    """The unflipped slice and this many minus one random flips of it."""
+    max_clicks: int = 5
+    centre_probability: float = 0.5
+    """A training click is the protocol's (centre of the largest error) with this probability, else a point of
+    that error drawn nearer its border."""
+    bbox_shift: int = 10
+    """Each side of a training box is widened by a random 0..bbox_shift px in the 256² frame."""
+    teacher_weight: float = 1.0
+    """Weight of the box-only step's soft-label BCE against the float teacher's mask."""
+    box_gt_weight: float = 0.0
+    """Weight of the box-only step's Dice + BCE against the ground truth (0: boxes learn from the teacher only,
+    which is what keeps box-only masks where the shipped model has them)."""
+    batch_size: int = 8
+    steps: int = 1500
+    lr: float = 5.0e-5
+    """Adam learning rate of the decoder's weights and the point embeddings (warm-up, then cosine)."""
+    scale_lr: float = 1.0e-4
+    """Learning rate of the decoder's learned activation scales."""
+    warmup_steps: int = 50
+    calib_views: int = 32
+    val_max_views: int = 48
+    val_max_objects: int = 128
+    """Validation scores at most this many objects of those views (spread evenly): box + max_clicks decoder
+    passes each."""
+    val_every_steps: int = 250
+    checkpoint_every_steps: int = 100
+    max_steps: int | None = None
+    """Stop after this many steps (smoke tests); the run still checkpoints and validates."""
+    seed: int = 0
+    threads: int | None = None
+    out_dir: str = "runs/clicks"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "slice_stride",
+            "views_per_slice",
+            "batch_size",
+            "steps",
+            "calib_views",
+            "val_max_views",
+            "val_max_objects",
+        )
+        for key in (*positive, "val_every_steps", "checkpoint_every_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 1 <= self.views_per_slice <= 4:
+            raise ConfigError(f"views_per_slice must be 1..4 (unflipped + up to 3 flips), got {self.views_per_slice}")
+        if not 0 <= self.max_clicks <= 20:
+            raise ConfigError(f"max_clicks must be 0..20, got {self.max_clicks}")
+        if not 0.0 <= self.centre_probability <= 1.0:
+            raise ConfigError(f"centre_probability must be in [0, 1], got {self.centre_probability}")
+        if self.lr <= 0 or self.scale_lr < 0 or self.teacher_weight < 0 or self.box_gt_weight < 0:
+            raise ConfigError("lr must be > 0; scale_lr, teacher_weight and box_gt_weight >= 0")
+        if self.teacher_weight == 0 and self.box_gt_weight == 0:
+            raise ConfigError("teacher_weight and box_gt_weight are both 0: the box-only step would learn nothing")
+        for key in ("bbox_shift", "warmup_steps", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0 or null, got {self.max_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CLICK_PATH_KEYS = ("data_root", "encoder_model", "quant_spec", "init_checkpoint", "out_dir")
+
+
+PATH_KEYS = ("quant_spec", "init_checkpoint", "teacher_cache", "data_root", "out_dir", "encoder_model")
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -166,11 +257,14 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """The stage file (if any) with `--set` overrides applied; relative paths made absolute.
+def load_config(path: str | Path | None, overrides: list[str] | None = None):
+    """The stage file (if any) with `--set` overrides applied; relative paths made absolute. A file with
+    `recipe: clicks` is the click recipe's (`qmedsam.train.config.ClickConfig`), any other a QAT stage's
+    (`TrainConfig`).
 
     Paths in the file are relative to the file's folder; paths given with `--set` to the working folder.
     """
+
     data: dict[str, Any] = {}
     base = Path.cwd()
     source = "--set"
@@ -182,7 +276,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = {k: _resolve(k, v, base) for k, v in data.items()}
     sets = parse_set(overrides)
     data.update({k: _resolve(k, v, Path.cwd()) for k, v in sets.items()})
-    return from_mapping(TrainConfig, data, source + (" with --set" if sets and path else ""), ConfigError)
+    kind = ClickConfig if data.get("recipe") == "clicks" else TrainConfig
+    return from_mapping(kind, data, source + (" with --set" if sets and path else ""), ConfigError)
 
 
 def _resolve(key: str, value: Any, base: Path) -> Any:

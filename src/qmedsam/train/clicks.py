@@ -1,0 +1,511 @@
+"""Teach the decoder clicks, on a CPU: simulated interaction on cached embeddings of the model's own int8 encoder.
+
+LiteMedSAM was trained with boxes only, so clicks make its masks worse. This recipe trains what must learn
+(the int8 mask decoder with its activation scales, and the prompt encoder's point embeddings) while the
+encoder stays the shipped one: every training view is encoded once by that encoder (exactly as int8 CPUs run
+it) and by the float teacher, cached (`qmedsam.train.click_data`), so a step costs decoder passes only.
+
+A sample is one object on one view (a slice of a labelled training file, maybe flipped) with a jittered box.
+Its interaction: the box alone, then up to K corrective clicks (K drawn per sample, 0..`max_clicks`), each
+placed on the largest error of the current mask (`qmedsam.evaluate.interaction.sample_click`: the protocol's
+centre point or, as real users do, nearer the border), every click so far given with the box. The loss is
+taken at every step: the box-only step learns the float teacher's mask (soft-label BCE, as the shipped
+decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE).
+Validation runs the protocol's deterministic rule (`next_click`) on the validation split: Dice per click.
+
+`qmedsam train --config configs/train/clicks.yaml` runs it; `qmedsam export --checkpoint OUT/best.pt` turns
+the result into a model folder (the encoder copied from `encoder_model`, the decoder exported and checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmedsam.data.preprocess import mask_box
+from qmedsam.errors import UserFacingError
+from qmedsam.evaluate.interaction import next_click, sample_click
+from qmedsam.evaluate.metrics import mask_dice
+from qmedsam.export.int8_parity import ir_to_check
+from qmedsam.files import atomic_write_bytes, sha256_file
+from qmedsam.inference.model_dir import encoder_sha256, is_model_dir, read_model_meta, shipped_int8_model_dir
+from qmedsam.inference.runtime import OpenVINOEngine
+from qmedsam.model.litemedsam import load_pretrained_litemedsam
+from qmedsam.model.weights import pretrained_weights_path
+from qmedsam.train.click_data import ViewSet, build_views
+from qmedsam.train.config import RECIPE, ClickConfig, ConfigError
+from qmedsam.train.loop import atomic_torch_save, load_checkpoint, load_student
+from qmedsam.train.losses import segmentation_loss
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# The encoders whose embeddings are cached
+
+
+def exact_int8_encoder(model_dir: Path, scratch: Path):
+    """Encode as CPUs with exact int8 dot products (VNNI / AMX) run this folder's encoder: the IR itself there,
+    its FakeQuantize-in-f32 copy elsewhere (so the cache does not depend on the training machine's CPU)."""
+
+    engine = OpenVINOEngine(ir_to_check(model_dir, scratch), precision="f32")
+    return engine.encode
+
+
+def float_teacher_encoder(model: nn.Module):
+    """The float teacher's encoder, converted to OpenVINO f32 in memory (several times faster than PyTorch eager
+    on a CPU; the fp32 export's parity with PyTorch is >= 0.995 mask Dice)."""
+    import openvino as ov
+
+    with torch.no_grad():
+        converted = ov.convert_model(
+            model.image_encoder, example_input=torch.zeros(1, 3, 256, 256), input=[[1, 3, 256, 256]]
+        )
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+
+    def encode(image: np.ndarray) -> np.ndarray:
+        return np.array(request.infer({0: np.ascontiguousarray(image, np.float32)})[0])
+
+    return encode
+
+
+# --------------------------------------------------------------------------------------------------
+# The student
+
+
+def decoder_spec(config: ClickConfig, encoder_dir: Path):
+    """The quant spec with only the decoder quantized (the encoder is the IR's, never run in PyTorch here): the
+    `quant_spec` file if given, else the spec recorded in the encoder model's meta.json (the shipped model's
+    decoder was quantized with it), else QuantSpec's defaults. Returns (spec, where it came from)."""
+    from qmedsam.model.quant import QuantSpec
+
+    if config.quant_spec is not None:
+        spec, origin = QuantSpec.from_yaml(config.quant_spec), config.quant_spec
+    else:
+        recorded = read_model_meta(encoder_dir).get("quantization", {}).get("spec")
+        origin = f"{encoder_dir}/meta.json" if isinstance(recorded, dict) else "QuantSpec defaults"
+        spec = QuantSpec.from_dict(recorded, origin) if isinstance(recorded, dict) else QuantSpec()
+    if not spec.mask_decoder:
+        raise ConfigError(f"{origin}: mask_decoder is false; the click recipe trains an int8 decoder")
+    decoder_float_layers = tuple(name for name in spec.float_layers if name.startswith("mask_decoder."))
+    return (
+        dataclasses.replace(spec, image_encoder=False, mask_decoder=True, float_layers=decoder_float_layers),
+        origin,
+    )
+
+
+def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, learned activation scales) the recipe trains: the whole mask decoder and the prompt encoder's
+    point embeddings (include, exclude, padding); the box corner embeddings and the encoder stay frozen."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    prompt = model.prompt_encoder
+    point_params = [
+        prompt.point_embeddings[0].weight,
+        prompt.point_embeddings[1].weight,
+        prompt.not_a_point_embed.weight,
+    ]
+    scales = [p for n, p in model.mask_decoder.named_parameters() if "quant" in n]
+    scale_ids = {id(p) for p in scales}
+    weights = [p for p in model.mask_decoder.parameters() if id(p) not in scale_ids] + point_params
+    for parameter in weights + scales:
+        parameter.requires_grad_(True)
+    return weights, scales
+
+
+# --------------------------------------------------------------------------------------------------
+# One interaction
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _valid(mask: np.ndarray, resized: np.ndarray) -> np.ndarray:
+    """The mask inside the image's part of the 256² frame (padding is never an error to click on)."""
+    out = np.zeros_like(mask)
+    out[: resized[0], : resized[1]] = mask[: resized[0], : resized[1]]
+    return out
+
+
+def training_boxes(truths: np.ndarray, resized: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, 4) boxes of the ground-truth masks in the 256² frame, each side widened by 0..shift px, clipped."""
+    boxes = []
+    for truth, (height, width) in zip(truths, resized, strict=True):
+        x0, y0, x1, y1 = mask_box(truth).tolist()
+        m = rng.integers(0, shift + 1, size=4)
+        boxes.append([max(0, x0 - m[0]), max(0, y0 - m[1]), min(width - 1, x1 + m[2]), min(height - 1, y1 + m[3])])
+    return np.array(boxes, np.float32)
+
+
+def soft_bce(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample binary cross-entropy against the teacher's probabilities (every pixel counts)."""
+    loss = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits), reduction="none")
+    return loss.flatten(1).mean(dim=1)
+
+
+@dataclass
+class Interaction:
+    """Clicks so far of a batch of objects; objects drop out once their clicks are spent or nothing is left
+    to correct."""
+
+    points: list[list[tuple[float, float]]]
+    labels: list[list[float]]
+    budget: np.ndarray
+    active: list[int]
+
+    @classmethod
+    def start(cls, budget: np.ndarray) -> Interaction:
+        n = len(budget)
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], budget, list(range(n)))
+
+    def add_clicks(self, step: int, predictions: np.ndarray, truths: np.ndarray, resized: np.ndarray, place) -> None:
+        """One more click per active object (placed by `place(prediction, truth)`), for those with budget left."""
+        still = []
+        for row, i in enumerate(self.active):
+            if self.budget[i] < step:
+                continue
+            click = place(_valid(predictions[row], resized[i]), truths[i])
+            if click is None:
+                continue
+            y, x = click.position
+            self.points[i].append((float(x), float(y)))
+            self.labels[i].append(float(click.label))
+            still.append(i)
+        self.active = still
+
+    def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.tensor([self.points[i] for i in self.active], dtype=torch.float32),
+            torch.tensor([self.labels[i] for i in self.active], dtype=torch.float32),
+        )
+
+
+def interaction_loss(
+    model: nn.Module,
+    teacher: nn.Module,
+    views: ViewSet,
+    objects: np.ndarray,
+    config: ClickConfig,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean loss over every step of every object's simulated interaction (box, then its clicks)."""
+    view_ids = objects[:, 0].tolist()
+    truths = np.stack([views.labels[v] == label for v, label in objects])
+    resized = views.resized[objects[:, 0]]
+    boxes = _to_torch(training_boxes(truths, resized, config.bbox_shift, rng))
+    embeddings = _to_torch(views.student(view_ids))
+    target = _to_torch(truths[:, None].astype(np.float32))
+    logits = model.decode(embeddings, boxes)[0]
+    box_loss = torch.zeros(len(objects))
+    if config.teacher_weight:
+        with torch.no_grad():
+            teacher_logits = teacher.decode(_to_torch(views.teacher(view_ids)), boxes)[0]
+        box_loss = box_loss + config.teacher_weight * soft_bce(logits, teacher_logits)
+    if config.box_gt_weight:
+        box_loss = box_loss + config.box_gt_weight * segmentation_loss(logits, target)
+    losses = [box_loss.mean()]
+    weights = [float(len(objects))]
+    interaction = Interaction.start(rng.integers(0, config.max_clicks + 1, size=len(objects)))
+    predictions = (logits.detach()[:, 0] > 0).numpy()
+
+    def place(prediction, truth):
+        return sample_click(prediction, truth, rng, config.centre_probability)
+
+    for step in range(1, config.max_clicks + 1):
+        interaction.add_clicks(step, predictions, truths, resized, place)
+        active = interaction.active
+        if not active:
+            break
+        points, labels = interaction.prompts()
+        logits = model.decode(embeddings[active], boxes[active], False, points, labels)[0]
+        losses.append(segmentation_loss(logits, target[active]).mean())
+        weights.append(float(len(active)))
+        predictions = (logits.detach()[:, 0] > 0).numpy()
+    total = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+    return total, {"box_loss": float(losses[0].detach()), "click_steps": float(sum(weights[1:]))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: the protocol's rule
+
+
+@torch.no_grad()
+def dice_per_click(
+    model: nn.Module, views: ViewSet, max_clicks: int, margin: int, max_objects: int | None = None, chunk: int = 16
+) -> list[float]:
+    """Mean Dice (256² frame) over the objects of `views` (at most `max_objects`, spread evenly) after the box and
+    after each of `max_clicks` clicks placed by the protocol's rule; an object with nothing left to correct keeps
+    its mask."""
+    chosen = views.objects
+    if max_objects is not None and max_objects < len(chosen):
+        chosen = chosen[np.unique(np.linspace(0, len(chosen) - 1, max_objects).round().astype(int))]
+    per_click = np.zeros((max_clicks + 1, len(chosen)))
+    for start in range(0, len(chosen), chunk):
+        objects = chosen[start : start + chunk]
+        truths = np.stack([views.labels[v] == label for v, label in objects])
+        resized = views.resized[objects[:, 0]]
+        boxes = []
+        for truth, (height, width) in zip(truths, resized, strict=True):
+            x0, y0, x1, y1 = mask_box(truth).tolist()
+            boxes.append(
+                [max(0, x0 - margin), max(0, y0 - margin), min(width - 1, x1 + margin), min(height - 1, y1 + margin)]
+            )
+        boxes_t = torch.tensor(boxes, dtype=torch.float32)
+        embeddings = _to_torch(views.student(objects[:, 0].tolist()))
+        masks = _valid_stack((model.decode(embeddings, boxes_t)[0][:, 0] > 0).numpy(), resized)
+        rows = slice(start, start + len(objects))
+        per_click[0, rows] = [mask_dice(m, t) for m, t in zip(masks, truths, strict=True)]
+        interaction = Interaction.start(np.full(len(objects), max_clicks))
+        for step in range(1, max_clicks + 1):
+            interaction.add_clicks(step, masks[interaction.active], truths, resized, next_click)
+            if interaction.active:
+                points, labels = interaction.prompts()
+                active = interaction.active
+                logits = model.decode(embeddings[active], boxes_t[active], False, points, labels)[0][:, 0]
+                masks[active] = _valid_stack((logits > 0).numpy(), resized[active])
+            per_click[step, rows] = [mask_dice(m, t) for m, t in zip(masks, truths, strict=True)]
+    return per_click.mean(axis=1).tolist()
+
+
+def _valid_stack(masks: np.ndarray, resized: np.ndarray) -> np.ndarray:
+    return np.stack([_valid(m, r) for m, r in zip(masks, resized, strict=True)])
+
+
+def curve_area(dice: list[float]) -> float:
+    """Area under the Dice-per-click curve (trapezoid over clicks 0..K), divided by K: in [0, 1]."""
+    if len(dice) < 2:
+        return float(dice[0]) if dice else math.nan
+    return float(np.trapezoid(dice) / (len(dice) - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _calibrate_decoder(model: nn.Module, views: ViewSet, count: int, rng: np.random.Generator) -> dict[str, int]:
+    """Activation scales of the decoder from `count` objects' boxes, alone and with two clicks (one inside the
+    object, one outside it in the box), so the scales see click tokens too."""
+    from qmedsam.model import quant
+
+    picks = views.objects[np.linspace(0, len(views) - 1, min(count, len(views))).round().astype(int)]
+    model.eval()
+    with torch.no_grad(), quant.calibration_mode(model.mask_decoder):
+        for start in range(0, len(picks), 8):
+            objects = picks[start : start + 8]
+            truths = np.stack([views.labels[v] == label for v, label in objects])
+            boxes = _to_torch(training_boxes(truths, views.resized[objects[:, 0]], 0, rng))
+            embeddings = _to_torch(views.student(objects[:, 0].tolist()))
+            model.decode(embeddings, boxes)
+            points, labels = [], []
+            for truth, box in zip(truths, boxes.numpy(), strict=True):
+                ys, xs = np.nonzero(truth)
+                inside = int(rng.integers(len(xs)))
+                x0, y0, x1, y1 = box.astype(int)
+                outside = np.argwhere(~truth[y0 : y1 + 1, x0 : x1 + 1])
+                oy, ox = (outside[int(rng.integers(len(outside)))] + (y0, x0)) if len(outside) else (y0, x0)
+                points.append([[xs[inside], ys[inside]], [ox, oy]])
+                labels.append([1.0, 0.0])
+            model.decode(embeddings, boxes, False, torch.tensor(points, dtype=torch.float32), torch.tensor(labels))
+    missing = quant.uncalibrated_quantizers(model.mask_decoder)
+    if missing:
+        raise RuntimeError(f"decoder activation quantizers saw no calibration data: {missing[:5]}")
+    return {"calibration_objects": len(picks)}
+
+
+def _learning_rate_factor(step: int, config: ClickConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ClickTrainer:
+    """One click-training run: cached views, the student, Adam, checkpoints (`last.pt`, `best.pt` by the area
+    under the validation Dice-per-click curve), `metrics.jsonl` and `summary.json` in `out_dir`."""
+
+    def __init__(self, config: ClickConfig, resume: Path | None = None) -> None:
+        self.config = config
+        self.resume = resume
+        self.out_dir = Path(config.out_dir)
+        self.encoder_dir = Path(config.encoder_model) if config.encoder_model else shipped_int8_model_dir()
+        self.rng = np.random.default_rng(config.seed)
+        self.step_index = 0
+        self.best_area = -math.inf
+        self.history: list[dict[str, Any]] = []
+
+    def set_up(self) -> None:
+
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        if not is_model_dir(self.encoder_dir):
+            raise UserFacingError(
+                f"encoder_model {self.encoder_dir}: not a qmedsam model folder (meta.json, encoder.xml)"
+            )
+        self.spec, self.spec_path = decoder_spec(config, self.encoder_dir)
+        self.teacher = load_pretrained_litemedsam().eval()
+        identity = encoder_sha256(self.encoder_dir)
+        teacher_identity = sha256_file(pretrained_weights_path())
+        root = Path(config.data_root)
+        with tempfile.TemporaryDirectory() as scratch:
+            student = (identity, exact_int8_encoder(self.encoder_dir, Path(scratch)))
+            teacher = (teacher_identity, float_teacher_encoder(self.teacher))
+            self.train_views = build_views(
+                root,
+                config.train_split,
+                student,
+                teacher,
+                config.slice_stride,
+                config.views_per_slice,
+                seed=config.seed,
+            )
+            self.val_views = build_views(
+                root, config.val_split, student, None, 1, 1, max_views=config.val_max_views, seed=config.seed
+            )
+        log.info(
+            "click training: %d objects on %d training views, %d objects on %d validation views",
+            len(self.train_views),
+            len(self.train_views.labels),
+            len(self.val_views),
+            len(self.val_views.labels),
+        )
+        source = Path(config.init_checkpoint) if config.init_checkpoint else pretrained_weights_path()
+        self.model, _, parts = load_student(self.spec, source)
+        self.summary: dict[str, Any] = {"init": str(source), "encoder_model": str(self.encoder_dir)}
+        if "mask_decoder" in parts:
+            self.summary |= _calibrate_decoder(self.model, self.train_views, config.calib_views, self.rng)
+        weights, scales = trainable_parameters(self.model)
+        groups = [{"params": weights, "lr": config.lr}]
+        if scales:
+            groups.append({"params": scales, "lr": config.scale_lr})
+        self.optimizer = torch.optim.Adam(groups)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume is not None:
+            self.restore(self.resume)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "recipe": RECIPE,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_index,
+            "best_area": self.best_area,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+            "encoder_model": str(self.encoder_dir),
+            "encoder_sha256": encoder_sha256(self.encoder_dir),
+            "quant_spec": self.spec.to_dict(),
+            "quant_spec_file": self.spec_path,
+        }
+
+    def checkpoint(self, name: str) -> Path:
+        path = self.out_dir / name
+        atomic_torch_save(self.payload(), path)
+        return path
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("recipe") != RECIPE or "optimizer" not in state:
+            raise UserFacingError(
+                f"{path}: not a click-training run checkpoint (last.pt of `qmedsam train --config clicks.yaml`)"
+            )
+        if state.get("encoder_sha256") != encoder_sha256(self.encoder_dir):
+            raise UserFacingError(
+                f"{path}: trained on another encoder than {self.encoder_dir}'s; resume with the same encoder_model"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.best_area = float(state["best_area"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed %s at step %d", path, self.step_index)
+
+    def validate(self) -> dict[str, Any]:
+        self.model.eval()
+        config = self.config
+        dice = dice_per_click(
+            self.model, self.val_views, config.max_clicks, config.bbox_shift // 2, max_objects=config.val_max_objects
+        )
+        return {"val_dice_per_click": dice, "val_curve_area": curve_area(dice)}
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def run(self) -> Path:
+        config = self.config
+        self.set_up()
+        steps = config.steps if config.max_steps is None else min(config.steps, config.max_steps)
+        if self.step_index == 0:
+            start = {"step": 0, **self.validate()}
+            self.log_row(start)
+            self.summary["before"] = start
+            log.info("before training: Dice per click %s", np.round(start["val_dice_per_click"], 4).tolist())
+        started, samples = time.perf_counter(), 0
+        while self.step_index < steps:
+            self.model.eval()  # Brevitas quantizers keep their calibrated statistics; dropout-free decoder
+            factor = _learning_rate_factor(self.step_index, config)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * factor
+            picks = self.rng.integers(0, len(self.train_views), size=config.batch_size)
+            loss, parts = interaction_loss(
+                self.model, self.teacher, self.train_views, self.train_views.objects[picks], config, self.rng
+            )
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"click training: non-finite loss at step {self.step_index}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step_index += 1
+            samples += config.batch_size
+            row: dict[str, Any] = {"step": self.step_index, "loss": float(loss.detach()), **parts}
+            done = self.step_index == steps
+            if self.step_index % config.val_every_steps == 0 or done:
+                row |= self.validate()
+                row["samples_per_s"] = samples / (time.perf_counter() - started)
+                if row["val_curve_area"] > self.best_area:
+                    self.best_area = row["val_curve_area"]
+                    self.checkpoint("best.pt")
+                log.info(
+                    "step %d/%d: loss %.4f, validation Dice per click %s (area %.4f), %.1f samples/s",
+                    self.step_index,
+                    steps,
+                    row["loss"],
+                    np.round(row["val_dice_per_click"], 4).tolist(),
+                    row["val_curve_area"],
+                    row["samples_per_s"],
+                )
+            self.log_row(row)
+            if self.step_index % config.checkpoint_every_steps == 0 or done:
+                self.checkpoint("last.pt")
+        if steps == 0 or not (self.out_dir / "best.pt").exists():
+            self.checkpoint("last.pt")
+            self.checkpoint("best.pt")
+        self.summary["seconds"] = time.perf_counter() - started
+        self.summary["steps"] = self.step_index
+        self.summary["after"] = self.history[-1] if self.history else None
+        atomic_write_bytes(self.out_dir / "summary.json", (json.dumps(self.summary, indent=2) + "\n").encode())
+        return self.out_dir / "best.pt"
+
+
+def train_clicks(config: ClickConfig, resume: Path | None = None) -> Path:
+    return ClickTrainer(config, resume).run()

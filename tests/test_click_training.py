@@ -1,0 +1,117 @@
+"""The click recipe end to end on the real training tree, at the smallest size that runs every part: views cached
+from the shipped int8 encoder, a simulated interaction per sample, validation by the protocol's rule,
+checkpoints and resume, then `qmedsam export` of the click-trained int8 decoder beside the encoder it learned on,
+with its parity checks, and the folder used for clicks through the Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmedsam.cli import main
+from qmedsam.inference.model_dir import encoder_sha256, shipped_int8_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "train" / "clicks.yaml"
+SMALL = [
+    "slice_stride=40",
+    "views_per_slice=2",
+    "val_max_views=3",
+    "calib_views=4",
+    "batch_size=2",
+    "max_clicks=2",
+    "steps=3",
+    "warmup_steps=1",
+    "val_every_steps=2",
+    "checkpoint_every_steps=1",
+    "threads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def click_run(train_tree_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clicks") / "run"
+    settings = ["--set", f"data_root={train_tree_dir}", f"out_dir={out}", *SMALL]
+    assert main(["train", "--config", str(CONFIG), *settings, "max_steps=2"]) == 0  # stopped, as a killed run is
+    assert main(["train", "--config", str(CONFIG), "--resume", str(out / "last.pt"), *settings]) == 0
+    return out
+
+
+def test_the_recipe_trains_validates_checkpoints_and_resumes(click_run: Path, train_tree_dir: Path):
+    rows = [json.loads(line) for line in (click_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # resumed at step 2, not from the start
+    validated = [r for r in rows if "val_dice_per_click" in r]
+    assert [r["step"] for r in validated] == [0, 2, 3]
+    for row in validated:
+        assert len(row["val_dice_per_click"]) == 3 and all(0.0 <= d <= 1.0 for d in row["val_dice_per_click"])
+        assert 0.0 <= row["val_curve_area"] <= 1.0
+    assert all(np.isfinite(r["loss"]) for r in rows[1:])
+    state = torch.load(click_run / "last.pt", weights_only=True)
+    assert state["recipe"] == "clicks" and state["step"] == 3
+    assert state["encoder_sha256"] == encoder_sha256(shipped_int8_model_dir())
+    assert (click_run / "best.pt").is_file() and (click_run / "summary.json").is_file()
+    cache = list((train_tree_dir / ".click-cache").glob("*.npy"))
+    assert cache and all(np.load(p, mmap_mode="r").dtype == np.float16 for p in cache)
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(click_run: Path, tmp_path: Path, train_tree_dir: Path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": {}}, weights)
+    argv = ["train", "--config", str(CONFIG), "--resume", str(weights), "--set", f"data_root={train_tree_dir}"]
+    assert main([*argv, f"out_dir={tmp_path / 'run'}", *SMALL]) == 2
+
+
+def test_export_puts_the_click_decoder_beside_its_encoder(click_run: Path, small_cases_dir: Path, tmp_path: Path):
+    from qmedsam import Segmenter
+    from qmedsam.data.cases import read_case
+
+    out = tmp_path / "model"
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(click_run / "best.pt"),
+                "--parity-cases",
+                str(small_cases_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    shipped = shipped_int8_model_dir()
+    for name in ("encoder.xml", "encoder.bin"):
+        assert (out / name).read_bytes() == (shipped / name).read_bytes()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["precision"] == "int8" and meta["source"]["recipe"] == "clicks"
+    assert set(meta["inputs"]["decoder"]) == {"image_embedding", "boxes", "points", "point_labels"}
+    parity = meta["parity_vs_torch"]["f32"]
+    for key in ("decoder_teacher_forced", "decoder_with_clicks"):
+        assert parity[key]["mask_dice_mean"] >= parity[key]["required"] >= 0.95
+    assert meta["int8_coverage"]["decoder"]["int8_fraction"] >= 0.9
+    case = read_case(small_cases_dir / "2D_CT_TotalSeg_0001.npz")
+    segmenter = Segmenter(out)
+    segmenter.set_image(case.image)
+    box = case.boxes[0]
+    x0, y0, x1, y1 = box
+    mask = segmenter.predict(box, points=[[(x0 + x1) / 2, (y0 + y1) / 2]], point_labels=[1])
+    assert mask.shape == case.image.shape[:2] and segmenter.encoded_slices == 1
+
+
+def test_export_refuses_an_encoder_the_decoder_was_not_trained_on(click_run: Path, small_cases_dir: Path, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(shipped_int8_model_dir(), other)
+    with open(other / "encoder.bin", "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 1]))
+    argv = ["export", "--checkpoint", str(click_run / "best.pt"), "--encoder-from", str(other)]
+    assert main([*argv, "--parity-cases", str(small_cases_dir), "--out", str(tmp_path / "model")]) == 2
+    assert not (tmp_path / "model").exists()
