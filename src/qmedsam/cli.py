@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "qmedsam.commands.evaluate",
     "data": "qmedsam.commands.data",
     "train": "qmedsam.commands.train",
+    "finetune": "qmedsam.commands.finetune",
     "bench": "qmedsam.commands.bench",
 }
 
