@@ -167,3 +167,42 @@ def test_a_model_folder_from_before_clicks_serves_boxes_and_refuses_clicks(
     with pytest.raises(UserFacingError, match=r"old: this model's decoder takes boxes only \(exported before clicks\)"):
         segmenter.predict(ct_case.boxes[0], points=[[100, 100]], point_labels=[1])
 
+
+def _shipped_model_takes_clicks() -> bool:
+    import openvino as ov
+
+    from qmedsam.inference.decoder_io import takes_clicks
+    from qmedsam.inference.model_dir import shipped_int8_model_dir
+
+    return takes_clicks(ov.Core().read_model(str(shipped_int8_model_dir() / "decoder.xml")))
+
+
+@pytest.mark.skipif(not _shipped_model_takes_clicks(), reason="the shipped int8 model is not click-trained yet")
+def test_with_the_shipped_model_an_include_click_grows_the_mask_and_an_exclude_click_removes_it(demo_dir: Path):
+    """The shipped int8 model is the click-trained one: on real slices, a click where the box's mask missed
+    part of the object adds that part, and a click on what the mask wrongly covers takes it away (each click
+    placed by the evaluation protocol's rule on the object's first error)."""
+    from qmedsam.data.cases import read_ground_truth
+    from qmedsam.evaluate.interaction import largest_error_region, next_click
+
+    segmenter = Segmenter("int8", precision="f32")
+    seen = {0: 0, 1: 0}
+    for name in ("2D_CT_TotalSeg_0001.npz", "2D_Microscopy_DSB2018_0001.npz"):
+        case = read_case(demo_dir / "cases" / name)
+        truths = read_ground_truth(demo_dir / "gts" / name)
+        segmenter.set_image(case.image)
+        for i, box in enumerate(case.boxes[:40]):
+            truth = truths == i + 1
+            mask = segmenter.predict(box)
+            click = next_click(mask, truth)
+            if click is None:
+                continue
+            region, label = largest_error_region(mask, truth)
+            y, x = click.position
+            after = segmenter.predict(box, points=[[x, y]], point_labels=[label])
+            if label == 1:  # a miss: the click's pixel and more of the missed region are now in the mask
+                assert after[y, x] and (after & region).sum() > 0, (name, i)
+            else:  # a false positive: the click's pixel is out and the wrongly covered region shrank
+                assert not after[y, x] and (after & region).sum() < region.sum(), (name, i)
+            seen[label] += 1
+    assert seen[0] >= 3 and seen[1] >= 3, seen
