@@ -115,3 +115,18 @@ def test_export_refuses_an_encoder_the_decoder_was_not_trained_on(click_run: Pat
     argv = ["export", "--checkpoint", str(click_run / "best.pt"), "--encoder-from", str(other)]
     assert main([*argv, "--parity-cases", str(small_cases_dir), "--out", str(tmp_path / "model")]) == 2
     assert not (tmp_path / "model").exists()
+
+
+def test_float_training_checkpoints_an_int8_decoder(train_tree_dir: Path, tmp_path: Path):
+    """quantized_training=false: the decoder trains in float; every checkpoint holds the int8 decoder calibrated
+    from it (what export takes) beside the float weights (what resume takes), and the run ends with a validation
+    of the int8 decoder."""
+    from qmedsam.model.quant import is_quantized_state_dict
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(CONFIG), "--set", f"data_root={train_tree_dir}", f"out_dir={out}", *SMALL]
+    assert main([*argv, "quantized_training=false", "steps=1"]) == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert is_quantized_state_dict(state["model"]) and not is_quantized_state_dict(state["train_state"])
+    int8 = json.loads((out / "summary.json").read_text())["int8_validation"]
+    assert len(int8["val_dice_per_click"]) == 3 and 0.0 <= int8["val_curve_area"] <= 1.0

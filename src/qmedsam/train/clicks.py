@@ -46,7 +46,7 @@ from qmedsam.model.litemedsam import load_pretrained_litemedsam
 from qmedsam.model.weights import pretrained_weights_path
 from qmedsam.train.click_data import ViewSet, build_views
 from qmedsam.train.config import RECIPE, ClickConfig, ConfigError
-from qmedsam.train.loop import atomic_torch_save, load_checkpoint, load_student
+from qmedsam.train.loop import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, load_student
 from qmedsam.train.losses import segmentation_loss
 
 log = logging.getLogger(__name__)
@@ -385,10 +385,13 @@ class ClickTrainer:
             len(self.val_views.labels),
         )
         source = Path(config.init_checkpoint) if config.init_checkpoint else pretrained_weights_path()
-        self.model, _, parts = load_student(self.spec, source)
         self.summary: dict[str, Any] = {"init": str(source), "encoder_model": str(self.encoder_dir)}
-        if "mask_decoder" in parts:
-            self.summary |= _calibrate_decoder(self.model, self.train_views, config.calib_views, self.rng)
+        if config.quantized_training:
+            self.model, _, parts = load_student(self.spec, source)
+            if "mask_decoder" in parts:
+                self.summary |= _calibrate_decoder(self.model, self.train_views, config.calib_views, self.rng)
+        else:
+            self.model = load_pretrained_litemedsam(source)
         weights, scales = trainable_parameters(self.model)
         groups = [{"params": weights, "lr": config.lr}]
         if scales:
@@ -399,10 +402,26 @@ class ClickTrainer:
         if self.resume is not None:
             self.restore(self.resume)
 
+    def int8_model(self) -> nn.Module:
+        """The decoder as export takes it: the model itself, or (float training) a quantized copy of it calibrated
+        on the training views with a fixed seed (the same float weights give the same int8 model)."""
+        if self.config.quantized_training:
+            return self.model
+        from qmedsam.model import quant
+
+        model = quant.build_quantized(self.spec)
+        quant.load_float_state_dict(model, self.model.state_dict(), "the float decoder in training")
+        rng = np.random.default_rng(self.config.seed)
+        _calibrate_decoder(model, self.train_views, self.config.calib_views, rng)
+        return model.eval()
+
     def payload(self) -> dict[str, Any]:
+        float_state = {} if self.config.quantized_training else {"train_state": self.model.state_dict()}
         return {
+            "format": CHECKPOINT_FORMAT,
             "recipe": RECIPE,
-            "model": self.model.state_dict(),
+            **float_state,
+            "model": self.int8_model().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_index,
             "best_area": self.best_area,
@@ -430,7 +449,7 @@ class ClickTrainer:
             raise UserFacingError(
                 f"{path}: trained on another encoder than {self.encoder_dir}'s; resume with the same encoder_model"
             )
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model" if self.config.quantized_training else "train_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
         self.best_area = float(state["best_area"])
@@ -500,6 +519,12 @@ class ClickTrainer:
         if steps == 0 or not (self.out_dir / "best.pt").exists():
             self.checkpoint("last.pt")
             self.checkpoint("best.pt")
+        if not config.quantized_training:  # what the exported decoder will do
+            dice = dice_per_click(
+                self.int8_model(), self.val_views, config.max_clicks, config.bbox_shift // 2, config.val_max_objects
+            )
+            self.summary["int8_validation"] = {"val_dice_per_click": dice, "val_curve_area": curve_area(dice)}
+            log.info("int8 decoder: validation Dice per click %s", np.round(dice, 4).tolist())
         self.summary["seconds"] = time.perf_counter() - started
         self.summary["steps"] = self.step_index
         self.summary["after"] = self.history[-1] if self.history else None

@@ -167,6 +167,10 @@ class ClickConfig:
     init_checkpoint: str | None = None
     """Weights to start from (null: the pretrained LiteMedSAM; else a float state dict or a click run's
     checkpoint, whose calibrated quantizers are kept)."""
+    quantized_training: bool = True
+    """True: the int8 (fake-quant) decoder trains, as it will run. False: the decoder trains in float (about 2x
+    faster a step on a CPU) and is calibrated to int8 on the training views for every checkpoint (what export
+    takes); validation during the run scores the float decoder, a last one the int8 decoder."""
     slice_stride: int = 2
     """Every this-many-th labelled slice of a volume (neighbours are near copies)."""
     views_per_slice: int = 2
