@@ -208,7 +208,8 @@ def test_bad_options_are_refused_before_the_cases_are_read(tmp_path: Path, capsy
 def test_nifti_pairs_become_tree_files_and_held_out_cases(demo_dir: Path, tmp_path: Path):
     """A scan + label map on its grid: the working (z, y, x) array, windowed to uint8, spacing in array order;
     held out as a challenge case with the tight box of every label (a NIfTI is never copied)."""
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
     from qmedsam.data.cases import read_case
     from qmedsam.datasets.recipes.user_tree import build_user_tree
 

@@ -205,6 +205,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thresholds(args: argparse.Namespace) -> ParityThresholds:
+    """The parity thresholds with the bars the command line overrides."""
+    overrides = {
+        "min_end_to_end_dice": args.min_mask_dice,
+        "max_unit_error": args.max_block_error,
+        "min_decoder_dice": args.min_decoder_dice,
+    }
+    return dataclasses.replace(ParityThresholds(), **{k: v for k, v in overrides.items() if v is not None})
+
+
 def run_brevitas(args: argparse.Namespace) -> dict:
     """QuantSpec + (QAT checkpoint | float weights calibrated on --calib) -> Brevitas QCDQ -> int8 IR."""
     import torch
@@ -233,13 +243,7 @@ def run_brevitas(args: argparse.Namespace) -> dict:
     if args.calib is None and args.parity_cases is None:
         raise UserFacingError("int8 export needs real slices for its parity check: give --parity-cases or --calib")
     samples, samples_from = _int8_parity_samples(args)
-    thresholds = ParityThresholds()
-    if args.min_mask_dice is not None:
-        thresholds = dataclasses.replace(thresholds, min_end_to_end_dice=args.min_mask_dice)
-    if args.max_block_error is not None:
-        thresholds = dataclasses.replace(thresholds, max_unit_error=args.max_block_error)
-    if args.min_decoder_dice is not None:
-        thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
+    thresholds = _thresholds(args)
     source = {**_source(args), "quant_spec": portable_path(args.quant)}
     return export_int8(model, spec, args.out, source, samples, samples_from, calibration, thresholds, force=args.force)
 
@@ -303,9 +307,7 @@ def run_click_decoder(args: argparse.Namespace, state: dict) -> dict:
     if args.calib is None and args.parity_cases is None:
         raise UserFacingError("the export needs real slices for its parity check: give --parity-cases or --calib")
     samples, samples_from = _int8_parity_samples(args)
-    thresholds = ParityThresholds()
-    if args.min_decoder_dice is not None:
-        thresholds = dataclasses.replace(thresholds, min_decoder_dice=args.min_decoder_dice)
+    thresholds = _thresholds(args)
     spec_file = state.get("quant_spec_file")
     source = {**_source(args), "recipe": "clicks", "quant_spec": portable_path(spec_file) if spec_file else None}
     return export_click_decoder(

@@ -23,8 +23,8 @@ import numpy as np
 from qmedsam.data.preprocess import postprocess_logits, preprocess_image, scale_boxes
 from qmedsam.errors import UserFacingError
 from qmedsam.evaluate.metrics import mask_dice
-from qmedsam.export.fp32 import base_meta, example_decoder_inputs, name_io, write_meta
-from qmedsam.export.int8 import ONNX_OPSET, check_coverage
+from qmedsam.export.fp32 import base_meta, name_io, write_meta
+from qmedsam.export.int8 import check_coverage, export_decoder_onnx
 from qmedsam.export.int8_parity import ParityThresholds, _required, ir_to_check
 from qmedsam.export.parity import ParitySample
 from qmedsam.export.staging import staged_directory
@@ -35,27 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def convert_decoder_qcdq(model, out_dir: Path) -> None:
-    """The Brevitas fake-quant decoder (with its click inputs) -> QCDQ ONNX -> `out_dir/decoder.xml`."""
+    """The Brevitas fake-quant decoder -> QCDQ ONNX (as every int8 export writes it) -> `out_dir/decoder.xml`."""
     import openvino as ov
 
-    from qmedsam.model.litemedsam import DECODER_INPUTS, DecoderForExport
-    from qmedsam.model.quant import export_onnx_qcdq
+    from qmedsam.model.litemedsam import DECODER_INPUTS
 
     onnx_path = out_dir / "decoder.onnx"
-    export_onnx_qcdq(
-        DecoderForExport(model.eval()),
-        example_decoder_inputs(),
-        onnx_path,
-        input_names=list(DECODER_INPUTS),
-        output_names=["low_res_masks"],
-        dynamic_axes={
-            "boxes": {0: "boxes"},
-            "points": {0: "boxes", 1: "clicks"},
-            "point_labels": {0: "boxes", 1: "clicks"},
-            "low_res_masks": {0: "boxes"},
-        },
-        opset_version=ONNX_OPSET,
-    )
+    export_decoder_onnx(model, onnx_path)
     decoder = ov.Core().read_model(str(onnx_path))
     name_io(decoder, list(DECODER_INPUTS), "low_res_masks")
     ov.save_model(decoder, str(out_dir / "decoder.xml"), compress_to_fp16=False)

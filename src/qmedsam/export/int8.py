@@ -260,6 +260,28 @@ def verify_ir(
 # --- Brevitas -> QCDQ ONNX -> IR -------------------------------------------------------------------------
 
 
+def export_decoder_onnx(model, path: Path) -> None:
+    """The Brevitas fake-quant decoder (prompt encoder + mask decoder, with the click inputs) as QCDQ ONNX:
+    B boxes and N clicks per box dynamic."""
+    from qmedsam.model.litemedsam import DECODER_INPUTS, DecoderForExport
+    from qmedsam.model.quant import export_onnx_qcdq
+
+    export_onnx_qcdq(
+        DecoderForExport(model.eval()),
+        example_decoder_inputs(),
+        path,
+        input_names=list(DECODER_INPUTS),
+        output_names=["low_res_masks"],
+        dynamic_axes={
+            "boxes": {0: "boxes"},
+            "points": {0: "boxes", 1: "clicks"},
+            "point_labels": {0: "boxes", 1: "clicks"},
+            "low_res_masks": {0: "boxes"},
+        },
+        opset_version=ONNX_OPSET,
+    )
+
+
 def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
     """Brevitas QCDQ ONNX of encoder and decoder, read by OpenVINO's ONNX frontend, saved as IR.
 
@@ -269,7 +291,7 @@ def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
     import openvino as ov
     import torch
 
-    from qmedsam.model.litemedsam import DECODER_INPUTS, DecoderForExport
+    from qmedsam.model.litemedsam import DECODER_INPUTS
     from qmedsam.model.quant import export_onnx_qcdq
 
     model = model.eval()
@@ -283,20 +305,7 @@ def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
         output_names=["image_embedding"],
         opset_version=ONNX_OPSET,
     )
-    export_onnx_qcdq(
-        DecoderForExport(model),
-        example_decoder_inputs(),
-        onnx_dir / "decoder.onnx",
-        input_names=list(DECODER_INPUTS),
-        output_names=["low_res_masks"],
-        dynamic_axes={
-            "boxes": {0: "boxes"},
-            "points": {0: "boxes", 1: "clicks"},
-            "point_labels": {0: "boxes", 1: "clicks"},
-            "low_res_masks": {0: "boxes"},
-        },
-        opset_version=ONNX_OPSET,
-    )
+    export_decoder_onnx(model, onnx_dir / "decoder.onnx")
     units = encoder_units(onnx_dir / "encoder.onnx")
     core = ov.Core()
     for part, inputs, output in (

@@ -141,14 +141,18 @@ def _valid(mask: np.ndarray, resized: np.ndarray) -> np.ndarray:
     return out
 
 
-def training_boxes(truths: np.ndarray, resized: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """(B, 4) boxes of the ground-truth masks in the 256² frame, each side widened by 0..shift px, clipped."""
+def boxes_around(truths: np.ndarray, resized: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """(B, 4) boxes of the ground-truth masks in the 256² frame, sides widened by `margins` (B, 4), clipped."""
     boxes = []
-    for truth, (height, width) in zip(truths, resized, strict=True):
+    for truth, (height, width), m in zip(truths, resized, margins, strict=True):
         x0, y0, x1, y1 = mask_box(truth).tolist()
-        m = rng.integers(0, shift + 1, size=4)
         boxes.append([max(0, x0 - m[0]), max(0, y0 - m[1]), min(width - 1, x1 + m[2]), min(height - 1, y1 + m[3])])
     return np.array(boxes, np.float32)
+
+
+def training_boxes(truths: np.ndarray, resized: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Boxes with each side widened by a random 0..shift px."""
+    return boxes_around(truths, resized, rng.integers(0, shift + 1, size=(len(truths), 4)))
 
 
 def soft_bce(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -258,13 +262,7 @@ def dice_per_click(
         objects = chosen[start : start + chunk]
         truths = np.stack([views.labels[v] == label for v, label in objects])
         resized = views.resized[objects[:, 0]]
-        boxes = []
-        for truth, (height, width) in zip(truths, resized, strict=True):
-            x0, y0, x1, y1 = mask_box(truth).tolist()
-            boxes.append(
-                [max(0, x0 - margin), max(0, y0 - margin), min(width - 1, x1 + margin), min(height - 1, y1 + margin)]
-            )
-        boxes_t = torch.tensor(boxes, dtype=torch.float32)
+        boxes_t = _to_torch(boxes_around(truths, resized, np.full((len(objects), 4), margin)))
         embeddings = _to_torch(views.student(objects[:, 0].tolist()))
         masks = _valid_stack((model.decode(embeddings, boxes_t)[0][:, 0] > 0).numpy(), resized)
         rows = slice(start, start + len(objects))
@@ -346,6 +344,7 @@ class ClickTrainer:
         self.step_index = 0
         self.best_area = -math.inf
         self.history: list[dict[str, Any]] = []
+        self._int8: tuple[int, nn.Module] | None = None  # (step, the int8 decoder calibrated from the float one)
 
     def set_up(self) -> None:
 
@@ -359,7 +358,7 @@ class ClickTrainer:
             )
         self.spec, self.spec_path = decoder_spec(config, self.encoder_dir)
         self.teacher = load_pretrained_litemedsam().eval()
-        identity = encoder_sha256(self.encoder_dir)
+        self.encoder_identity = identity = encoder_sha256(self.encoder_dir)
         teacher_identity = sha256_file(pretrained_weights_path())
         root = Path(config.data_root)
         with tempfile.TemporaryDirectory() as scratch:
@@ -407,13 +406,16 @@ class ClickTrainer:
         on the training views with a fixed seed (the same float weights give the same int8 model)."""
         if self.config.quantized_training:
             return self.model
+        if self._int8 is not None and self._int8[0] == self.step_index:  # last.pt, best.pt and the end share it
+            return self._int8[1]
         from qmedsam.model import quant
 
         model = quant.build_quantized(self.spec)
         quant.load_float_state_dict(model, self.model.state_dict(), "the float decoder in training")
         rng = np.random.default_rng(self.config.seed)
         _calibrate_decoder(model, self.train_views, self.config.calib_views, rng)
-        return model.eval()
+        self._int8 = (self.step_index, model.eval())
+        return self._int8[1]
 
     def payload(self) -> dict[str, Any]:
         float_state = {} if self.config.quantized_training else {"train_state": self.model.state_dict()}
@@ -429,7 +431,7 @@ class ClickTrainer:
             "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
             "encoder_model": str(self.encoder_dir),
-            "encoder_sha256": encoder_sha256(self.encoder_dir),
+            "encoder_sha256": self.encoder_identity,
             "quant_spec": self.spec.to_dict(),
             "quant_spec_file": self.spec_path,
         }
@@ -445,7 +447,7 @@ class ClickTrainer:
             raise UserFacingError(
                 f"{path}: not a click-training run checkpoint (last.pt of `qmedsam train --config clicks.yaml`)"
             )
-        if state.get("encoder_sha256") != encoder_sha256(self.encoder_dir):
+        if state.get("encoder_sha256") != self.encoder_identity:
             raise UserFacingError(
                 f"{path}: trained on another encoder than {self.encoder_dir}'s; resume with the same encoder_model"
             )
