@@ -62,6 +62,8 @@ def test_stage_files_load_and_follow_the_seed_protocol():
     assert Path(one.data_root).is_absolute() and Path(one.quant_spec).is_file()
     overridden = load_config(STAGES / "stage1_quant_encoder.yaml", ["max_steps=5", "teacher=false", "out_dir=x"])
     assert overridden.max_steps == 5 and overridden.teacher is False
+    # YAML 1.1 reads `1e-4` (no dot) as a string; a number field takes it as the number it spells.
+    assert load_config(STAGES / "stage1_quant_encoder.yaml", ["lr=1e-4", "max_steps=2"]).lr == 1e-4
     assert overridden.out_dir == str(Path.cwd() / "x")
 
 

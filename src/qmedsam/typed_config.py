@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,9 @@ from typing import Any, Literal, TypeVar
 from qmedsam.errors import UserFacingError
 
 T = TypeVar("T")
+
+_EXPONENT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number PyYAML (YAML 1.1) leaves as a string because it has no dot: `1e-4`, `5E3` (`1.0e-4` parses)."""
 
 
 def _describe(hint: Any) -> str:
@@ -54,6 +58,8 @@ def _accepts(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_LITERAL.fullmatch(value.strip()):
+            value = float(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:
