@@ -7,8 +7,6 @@ strategy object (`PromptStrategy`), so new rules can be added without touching t
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,7 +15,9 @@ import numpy as np
 
 from qmedsam.data.cases import Case, segmentation_dtype
 from qmedsam.data.preprocess import Geometry, postprocess_logits, preprocess_image, propagation_box, scale_boxes
+from qmedsam.inference.from_slice import FromSlicePrompts
 from qmedsam.inference.runtime import Engine
+from qmedsam.inference.slice_encoder import SliceEncoder
 
 DEFAULT_BATCH = 16
 
@@ -40,33 +40,6 @@ def paint_boxes(
         logits = engine.decode(embedding, model_boxes[start : start + batch])
         for label, mask in zip(labels[start : start + batch], postprocess_logits(logits, geometry), strict=True):
             target[mask] = label
-
-
-class SliceEncoder:
-    """Preprocess + encode slices of a volume on demand, keeping recent embeddings (4 MiB each)."""
-
-    def __init__(self, engine: Engine, volume: np.ndarray, max_cached: int = 256) -> None:
-        self.engine = engine
-        self.volume = volume
-        self.max_cached = max_cached
-        self.geometry: Geometry | None = None
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.encoded = 0
-        self.encode_seconds = 0.0  # preprocessing + encoder time spent so far (an interactive UI reports it)
-
-    def __call__(self, z: int) -> np.ndarray:
-        if z in self._cache:
-            self._cache.move_to_end(z)
-            return self._cache[z]
-        started = time.perf_counter()
-        tensor, self.geometry = preprocess_image(self.volume[z])
-        embedding = self.engine.encode(tensor)
-        self.encode_seconds += time.perf_counter() - started
-        self.encoded += 1
-        self._cache[z] = embedding
-        if len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
-        return embedding
 
 
 class PromptStrategy(Protocol):
@@ -140,6 +113,7 @@ class _Walk:
 PROMPT_STRATEGIES: dict[str, Callable[[], PromptStrategy]] = {
     FixedBoxPrompts.name: FixedBoxPrompts,
     PropagatedPrompts.name: PropagatedPrompts,
+    FromSlicePrompts.name: FromSlicePrompts,
 }
 
 
