@@ -11,7 +11,9 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections.abc import Generator
 from typing import Literal
 
 import numpy as np
@@ -21,11 +23,22 @@ from qmedsam.data.clicks import scale_points, validated_clicks
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.engines import ModelChoice, load_engine, resolve_model_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.from_slice import (
+    FromSliceResult,
+    PlaneSlices,
+    StopRule,
+    validated_spacing,
+    walk_from_slice,
+)
 from qmedsam.inference.runtime import Engine
 from qmedsam.inference.segment import DEFAULT_BATCH, PROMPT_STRATEGIES, SliceEncoder, segment_case
 
 DEFAULT_CACHED_SLICES = 32
 """Embeddings kept by the interactive API: 4 MiB each, so 128 MiB at most."""
+
+FROM_SLICE_CACHED_SLICES = 128
+"""Embeddings kept per view by `segment_from_slice` (at least `cached_slices`): a second object in the same volume
+and view reuses the slices the first one walked through; 512 MiB at most."""
 
 
 class Segmenter:
@@ -58,6 +71,8 @@ class Segmenter:
         self.batch = batch
         self._encoder: SliceEncoder | None = None
         self._dimension: int | None = None
+        self._views: dict[tuple, tuple[PlaneSlices, SliceEncoder]] = {}
+        self.last_from_slice: FromSliceResult | None = None
 
     # -- whole images ------------------------------------------------------------------------------
 
@@ -72,6 +87,81 @@ class Segmenter:
             raise UserFacingError(f"prompt_mode must be one of {sorted(PROMPT_STRATEGIES)}, got {prompt_mode!r}")
         case = _checked_case(volume, boxes, 3, "segment_3d")
         return segment_case(self.engine, case, prompt_mode=prompt_mode, batch=self.batch)
+
+    def segment_from_slice(
+        self,
+        volume: np.ndarray,
+        box: np.ndarray | list[float],
+        axis: int = 0,
+        index: int | None = None,
+        spacing: tuple[float, float, float] | list[float] | np.ndarray | None = None,
+        *,
+        max_slices: int | None = None,
+        stop_rule: StopRule | None = None,
+    ) -> np.ndarray:
+        """(D, H, W) bool mask of the whole object from one box on one slice (`qmedsam.inference.from_slice`).
+
+        `box` [x0, y0, x1, y1] in the pixel indices of slice `index` along `axis` (the slice is
+        `np.take(volume, index, axis)`: x its columns, y its rows), as `predict` takes. The walk goes outward in
+        both directions and stops where the object ends (the measured `StopRule`), at the volume's edge, or after
+        `max_slices` slices each way. `spacing` (z, y, x), e.g. a scan's voxel size, resamples slices whose two
+        in-plane spacings differ to square pixels before encoding. Slices are encoded only as far as the walk
+        reaches and kept, so a second object in the same volume and view reuses them. How the walk went (slices,
+        why each direction stopped, encodings) is in `last_from_slice`.
+        """
+        walk = self.walk_from_slice(volume, box, axis, index, spacing, max_slices=max_slices, stop_rule=stop_rule)
+        while True:
+            try:
+                next(walk)
+            except StopIteration as done:
+                return done.value
+
+    def walk_from_slice(
+        self,
+        volume: np.ndarray,
+        box: np.ndarray | list[float],
+        axis: int = 0,
+        index: int | None = None,
+        spacing: tuple[float, float, float] | list[float] | np.ndarray | None = None,
+        *,
+        max_slices: int | None = None,
+        stop_rule: StopRule | None = None,
+    ) -> Generator[int, None, np.ndarray]:
+        """`segment_from_slice` as a generator: yields the number of slices decoded so far after each one (a UI
+        shows progress and may stop early), returns the mask."""
+        if index is None:
+            raise UserFacingError("segment_from_slice: give index, the slice the box is drawn on")
+        array = np.asarray(volume)
+        if image_dimension(array) != 3:
+            raise UserFacingError(f"segment_from_slice: expected a (D, H, W) volume, got shape {array.shape}")
+        recovered: list[str] = []
+        checked = validated_image(array, 3, "segment_from_slice", recovered)
+        for message in recovered:
+            warnings.warn(message, stacklevel=2)
+        if axis not in (0, 1, 2):
+            raise UserFacingError(f"segment_from_slice: axis must be 0, 1 or 2, got {axis!r}")
+        sizes = validated_spacing(spacing, "segment_from_slice")
+        key = (_volume_digest(checked), axis, sizes)
+        if key not in self._views:
+            if len(self._views) >= 3:  # the last volume's three views at most
+                self._views.pop(next(iter(self._views)))
+            plane = PlaneSlices(checked, axis, sizes)
+            cached = max(self.cached_slices, FROM_SLICE_CACHED_SLICES)
+            self._views[key] = (plane, SliceEncoder(self.engine, plane, max_cached=cached))
+        result = yield from walk_from_slice(
+            self.engine,
+            checked,
+            box,
+            axis,
+            int(index),
+            sizes,
+            rule=stop_rule,
+            max_slices=max_slices,
+            slices=self._views[key],
+            source="segment_from_slice",
+        )
+        self.last_from_slice = result
+        return result.mask
 
     # -- interactive -------------------------------------------------------------------------------
 
@@ -161,6 +251,11 @@ class Segmenter:
 
 
 __all__ = ["Segmenter", "resolve_model_dir"]
+
+
+def _volume_digest(volume: np.ndarray) -> tuple:
+    """What identifies a volume for the embedding cache: its shape, dtype and contents (a changed array is new)."""
+    return (volume.shape, volume.dtype.str, hashlib.blake2b(np.ascontiguousarray(volume).data, digest_size=16).digest())
 
 
 def _checked_case(image: np.ndarray, boxes: np.ndarray, dimension: Literal[2, 3], source: str) -> Case:
