@@ -63,10 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--prompt-mode",
-        choices=["fixed", "propagate"],
+        choices=["fixed", "propagate", "from-slice"],
         default="fixed",
         help="3D prompts: 'fixed' = the 3D box's xy extent on every slice (default, better on real CT/MR); "
-        "'propagate' = the LiteMedSAM baseline's slice-to-slice mask boxes",
+        "'propagate' = the LiteMedSAM baseline's slice-to-slice mask boxes; 'from-slice' = only each box's "
+        "middle slice, the walk finding where the object ends (the one-slice protocol, scored on any case set)",
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="torch engine: float state dict to load")
     parser.add_argument("--overlays", type=Path, default=None, help="write a PNG with mask contours per case here")
@@ -78,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="boxes.json or .csv: [i_min, j_min, k_min, i_max, j_max, k_max] in the scan's voxel indices (its array "
-        "axes in order, inclusive), optional label per box",
+        "axes in order, inclusive), optional label per box; a box on one slice marked {\"box\": [i0, j0, k, i1, j1, "
+        "k], \"from_slice\": true} (CSV column from_slice) gives the whole 3D object (thin along any one axis)",
     )
     scans.add_argument(
         "--boxes-from",

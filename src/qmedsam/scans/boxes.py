@@ -5,7 +5,12 @@ A box is `[i_min, j_min, k_min, i_max, j_max, k_max]`: the file's array axes in 
 both ends. Each box carries the label value written for it (default: its row number + 1).
 
 - JSON: `[[i0, j0, k0, i1, j1, k1], ...]` or `[{"box": [...], "label": 3}, ...]`;
-- CSV: header `i_min,j_min,k_min,i_max,j_max,k_max` and optionally `label`;
+- CSV: header `i_min,j_min,k_min,i_max,j_max,k_max` and optionally `label`, `from_slice`;
+
+A slice box says so explicitly: `{"box": [i0, j0, k, i1, j1, k], "from_slice": true}` (CSV: `from_slice` true/1)
+is a box on one slice (extent 1 along exactly one axis, any of the three) from which the whole object is found
+(`qmedsam.inference.from_slice`). Without the flag a box one slice thick keeps its meaning: the object on that
+slice only.
 - from a label map on the same grid: the tight box of every label value present (output label = that value).
 """
 
@@ -24,13 +29,27 @@ from qmedsam.errors import UserFacingError
 CSV_COLUMNS = ("i_min", "j_min", "k_min", "i_max", "j_max", "k_max")
 
 
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no", "")
+
+
 @dataclass(frozen=True)
 class ScanBoxes:
     boxes: np.ndarray  # (N, 6) int64 file-index boxes
     labels: np.ndarray  # (N,) int64 output label of each box, >= 1
+    from_slice: np.ndarray | None = None  # (N,) bool: box n is a slice box (None: none is)
+
+    def slice_flags(self) -> np.ndarray:
+        return np.zeros(len(self.boxes), bool) if self.from_slice is None else self.from_slice
 
 
-def _checked(path: Path, rows: list, labels: list[int]) -> ScanBoxes:
+def slice_axis(box: np.ndarray) -> int | None:
+    """The one file axis along which a box is one voxel thick (None if not exactly one)."""
+    thin = [axis for axis in range(3) if box[axis] == box[3 + axis]]
+    return thin[0] if len(thin) == 1 else None
+
+
+def _checked(path: Path, rows: list, labels: list[int], flags: list[bool] | None = None) -> ScanBoxes:
     if not rows:
         raise UserFacingError(f"{path}: no boxes; expected at least one [i_min, j_min, k_min, i_max, j_max, k_max]")
     try:
@@ -46,7 +65,25 @@ def _checked(path: Path, rows: list, labels: list[int]) -> ScanBoxes:
         raise UserFacingError(f"{path}: labels must be >= 1 (0 is background), got {sorted(set(labels))[:5]}")
     if len(set(labels)) != len(labels):
         raise UserFacingError(f"{path}: each box needs its own label; repeated: {sorted(set(labels))[:5]}")
-    return ScanBoxes(boxes.astype(np.int64), label_array)
+    checked = boxes.astype(np.int64)
+    from_slice = None
+    if flags is not None and any(flags):
+        from_slice = np.array(flags, dtype=bool)
+        for row in np.nonzero(from_slice)[0]:
+            if slice_axis(checked[row]) is None:
+                raise UserFacingError(
+                    f"{path}: box {row} is marked from_slice but is not one voxel thick along exactly one axis "
+                    f"({checked[row].tolist()}); a slice box is [i0, j0, k, i1, j1, k] (or thin along i or j)"
+                )
+    return ScanBoxes(checked, label_array, from_slice)
+
+
+def _flag(value, path: Path, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise UserFacingError(f"{path}: {where} 'from_slice' must be true or false, got {value!r}")
 
 
 def read_boxes(path: str | Path) -> ScanBoxes:
@@ -68,27 +105,37 @@ def read_boxes(path: str | Path) -> ScanBoxes:
             data = data["boxes"]
         if not isinstance(data, list):
             raise UserFacingError(f"{path}: expected a JSON list of boxes")
-        rows, labels = [], []
+        rows, labels, flags = [], [], []
         for n, item in enumerate(data):
             if isinstance(item, dict):
                 if "box" not in item:
                     raise UserFacingError(f"{path}: box {n} has no 'box' key")
+                unknown = sorted(set(item) - {"box", "label", "from_slice"})
+                if unknown:
+                    raise UserFacingError(
+                        f"{path}: box {n} has unknown key(s) {unknown}; expected box, label, from_slice"
+                    )
                 rows.append(item["box"])
                 label = item.get("label", n + 1)
                 if not isinstance(label, int) or isinstance(label, bool):
                     raise UserFacingError(f"{path}: box {n} 'label' must be an integer, got {label!r}")
                 labels.append(label)
+                flag = item.get("from_slice", False)
+                if not isinstance(flag, bool):
+                    raise UserFacingError(f"{path}: box {n} 'from_slice' must be true or false, got {flag!r}")
+                flags.append(flag)
             else:
                 rows.append(item)
                 labels.append(n + 1)
-        return _checked(path, rows, labels)
+                flags.append(False)
+        return _checked(path, rows, labels, flags)
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         fields = [f.strip() for f in (reader.fieldnames or [])]
         missing = [c for c in CSV_COLUMNS if c not in fields]
         if missing:
             raise UserFacingError(f"{path}: CSV header lacks {missing}; expected {','.join(CSV_COLUMNS)}[,label]")
-        rows, labels = [], []
+        rows, labels, flags = [], [], []
         for n, row in enumerate(reader):
             row = {k.strip(): v for k, v in row.items() if k is not None}
             try:
@@ -96,7 +143,8 @@ def read_boxes(path: str | Path) -> ScanBoxes:
                 labels.append(int(row["label"]) if row.get("label") not in (None, "") else n + 1)
             except (TypeError, ValueError):
                 raise UserFacingError(f"{path}: CSV row {n + 2} has a value that is not a number") from None
-        return _checked(path, rows, labels)
+            flags.append(_flag(row.get("from_slice") or "", path, f"CSV row {n + 2}"))
+        return _checked(path, rows, labels, flags)
     raise UserFacingError(f"{path}: boxes must be a .json or .csv file")
 
 
