@@ -113,4 +113,8 @@ def test_readme_python_example_runs(demo_dir: Path, tmp_path: Path, monkeypatch)
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["labels"].max() == len(namespace["case"]["boxes"])
     assert namespace["mask"].any()
+    one_slice = re.search(r"```python\n([^`]*segment_from_slice\([^`]*)```", README.read_text())
+    assert one_slice, "README has no segment_from_slice example"
+    exec(compile(one_slice.group(1), "README.md", "exec"), namespace)  # the same Segmenter, a volume
+    assert namespace["mask"].shape == namespace["volume"].shape and namespace["mask"][8].any()
     assert not (tmp_path / "cache" / "models").exists()
