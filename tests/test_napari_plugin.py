@@ -413,3 +413,73 @@ def test_clicks_json_that_is_not_a_document_is_refused_by_name(tmp_path, text):
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(UserFacingError, match=re.escape(str(path))):
         plugin_io.read_prompts(path)
+
+
+def test_a_rectangle_drawn_3d_from_this_slice_finds_the_object_in_any_view(
+    make_napari_viewer, qtbot, demo_dir, int8_segmenter, tmp_path
+):
+    """ "3D from this slice": a rectangle on an axial slice and one drawn in a coronal view (flat along y) each find
+    their whole object, exactly `Segmenter.segment_from_slice` with the layer's scale as spacing, with progress
+    per slice; they round-trip through the clicks JSON; a click on such an object is refused by name."""
+    from qmedsam.data.cases import read_ground_truth
+    from qmedsam.data.preprocess import mask_box
+    from qmedsam.napari.layers import slice_box_rectangle
+
+    name = "3D_CT_TotalSeg_0001.npz"
+    case = read_case(demo_dir / "cases" / name)
+    gts = read_ground_truth(demo_dir / "gts" / name)
+    viewer = make_napari_viewer()
+    viewer.add_image(case.image, name="ct", scale=(3.0, 3.0, 3.0))
+    widget = _widget(viewer, qtbot)
+    widget.from_slice_check.setChecked(True)
+    prompts = []
+    for label, axis in ((6, 0), (2, 1)):
+        view = np.moveaxis(gts == label, axis, 0)
+        index = int(np.argmax(view.reshape(view.shape[0], -1).sum(axis=1)))
+        prompts.append((mask_box(view[index]), axis, index))
+    progress: list[tuple[int, int]] = []
+    for box, axis, index in prompts:
+        widget.boxes_layer.add_rectangles([slice_box_rectangle(box, axis, index)])
+        widget._worker.yielded.connect(progress.append)
+        _wait(qtbot, widget)
+    expected = np.zeros(case.image.shape, np.uint16)
+    for label, (box, axis, index) in enumerate(prompts, start=1):
+        expected[int8_segmenter.segment_from_slice(case.image, box, axis, index, spacing=(3, 3, 3))] = label
+    np.testing.assert_array_equal(widget.masks_layer.data, expected)
+    assert len(np.unique(expected)) == 3
+    assert len(progress) > 4 and all(done < total for done, total in progress)
+    assert widget.boxes_layer.features["axis"].tolist() == [0, 1]
+    assert widget.timings[-1].slices > 1
+
+    widget.object_spin.setValue(1)
+    _click(viewer, widget, x=float(prompts[0][0][0] + 3), y=float(prompts[0][0][1] + 3), z=prompts[0][2])
+    assert "found from one slice" in widget.status_label.text() and len(widget.clicks_layer.data) == 0
+
+    saved = widget.save_prompts(tmp_path / "ct.clicks.json")
+    document = json.loads(saved.read_text())
+    assert [obj["from_slice"] for obj in document["objects"]] == [{"axis": 0, "index": prompts[0][2]},
+                                                                  {"axis": 1, "index": prompts[1][2]}]  # fmt: skip
+    widget.load_prompts(saved)
+    _wait(qtbot, widget)
+    np.testing.assert_array_equal(widget.masks_layer.data, expected)
+
+
+@pytest.mark.parametrize(
+    ("from_slice", "message"),
+    [
+        ({"axis": 3, "index": 1}, "from_slice.axis is 3; expected 0, 1 or 2"),
+        ({"axis": 1, "index": 500}, "from_slice.index is 500; expected a slice index 0..9"),
+        ({"axis": 1}, "from_slice is"),
+    ],
+)
+def test_a_one_slice_object_in_a_clicks_json_is_checked(tmp_path, from_slice, message):
+    document = {
+        "format": plugin_io.PROMPTS_FORMAT,
+        "version": plugin_io.PROMPTS_VERSION,
+        "image_shape": [5, 10, 12],
+        "objects": [{"label": 1, "box": [1, 1, 4, 3], "clicks": [], "from_slice": from_slice}],
+    }
+    path = tmp_path / "x.clicks.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(UserFacingError, match=re.escape(message)):
+        plugin_io.read_prompts(path, (5, 10, 12))

@@ -90,6 +90,7 @@ class FromSliceResult:
     stops: dict[str, str] = field(default_factory=dict)
     encoded: int = 0
     steps: list[WalkStep] = field(default_factory=list)
+    encode_seconds: float = 0.0
 
 
 class PlaneSlices:
@@ -329,7 +330,7 @@ def walk_from_slice(
         slices = (plane, SliceEncoder(engine, plane))
     plane, encoder = slices
     checked = checked_slice_box(box, plane, int(index), source)
-    before = encoder.encoded
+    before, before_seconds = encoder.encoded, encoder.encode_seconds
     walk = SliceWalk(engine, plane, encoder, margin)
     masks, stops, steps = yield from walk.walk(checked, int(index), rule or StopRule(), max_slices)
     mask = np.zeros(volume.shape, dtype=bool)
@@ -338,7 +339,9 @@ def walk_from_slice(
     if not masks:
         warnings.warn(f"{source}: the box {checked.tolist()} found nothing on slice {index}; empty mask", stacklevel=3)
     covered = (min(masks), max(masks)) if masks else (int(index), int(index))
-    return FromSliceResult(mask, covered, stops, encoder.encoded - before, steps)
+    return FromSliceResult(
+        mask, covered, stops, encoder.encoded - before, steps, encoder.encode_seconds - before_seconds
+    )
 
 
 class FromSlicePrompts:

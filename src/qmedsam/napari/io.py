@@ -189,6 +189,11 @@ def write_prompts(
                     {"x": float(x), "y": float(y), "z": int(round(z)), "label": int(label)}
                     for x, y, z, label in obj.clicks
                 ],
+                **(
+                    {}
+                    if obj.from_slice is None
+                    else {"from_slice": {"axis": int(obj.from_slice[0]), "index": int(obj.from_slice[1])}}
+                ),
             }
             for obj in objects
         ],
@@ -260,6 +265,11 @@ def _object_prompts(item: object, key: str, shape: list[int], fail) -> ObjectPro
     label = item.get("label")
     if not _is_int(label) or not 1 <= label <= MAX_LABEL:
         raise fail(f"{key}.label", f"is {label!r}; expected an integer 1..{MAX_LABEL}")
+    unknown = sorted(set(item) - {"label", "box", "clicks", "from_slice"})
+    if unknown:
+        raise fail(key, f"has unknown key(s) {unknown}; expected label, box, clicks, from_slice")
+    if "from_slice" in item:
+        return _one_slice_object(item, key, int(label), shape, fail)
     box = item.get("box")
     size = 4 if len(shape) == 2 else 6
     if not isinstance(box, list) or len(box) != size or not all(_is_number(v) for v in box):
@@ -276,6 +286,31 @@ def _object_prompts(item: object, key: str, shape: list[int], fail) -> ObjectPro
     rows = [_click(click, f"{key}.clicks[{i}]", shape, fail) for i, click in enumerate(clicks)]
     array = np.array(rows, dtype=np.float64).reshape(-1, 4)
     return ObjectPrompts(int(label), np.array(box, dtype=np.int64), array)
+
+
+def _one_slice_object(item: dict, key: str, label: int, shape: list[int], fail) -> ObjectPrompts:
+    """An object found from one box on one slice: `from_slice` {axis, index}, `box` [x0, y0, x1, y1] in that
+    slice's pixels (columns, rows of the other two axes), no clicks."""
+    if len(shape) != 3:
+        raise fail(f"{key}.from_slice", "is given on a 2D image; expected it only on a volume")
+    where = item["from_slice"]
+    if not isinstance(where, dict) or set(where) != {"axis", "index"}:
+        raise fail(f"{key}.from_slice", f'is {where!r}; expected {{"axis": 0|1|2, "index": slice}}')
+    axis, index = where["axis"], where["index"]
+    if not _is_int(axis) or axis not in (0, 1, 2):
+        raise fail(f"{key}.from_slice.axis", f"is {axis!r}; expected 0, 1 or 2")
+    if not _is_int(index) or not 0 <= index < shape[axis]:
+        raise fail(f"{key}.from_slice.index", f"is {index!r}; expected a slice index 0..{shape[axis] - 1}")
+    rows, cols = (shape[a] for a in range(3) if a != axis)
+    box = item.get("box")
+    if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+        raise fail(f"{key}.box", f"is {box!r}; expected [x0, y0, x1, y1] on slice {index} of axis {axis}")
+    x0, y0, x1, y1 = box
+    if x0 > x1 or y0 > y1 or x1 < 0 or y1 < 0 or x0 > cols - 1 or y0 > rows - 1:
+        raise fail(f"{key}.box", f"is {box}; expected minimum <= maximum inside the {cols} x {rows} slice")
+    if item.get("clicks", []) != []:
+        raise fail(f"{key}.clicks", "are given for an object found from one slice; expected none")
+    return ObjectPrompts(label, np.array(box, dtype=np.int64), np.zeros((0, 4)), (int(axis), int(index)))
 
 
 def _click(click: object, key: str, shape: list[int], fail) -> tuple[float, float, int, int]:

@@ -18,9 +18,10 @@ WINDOWS = ("auto", "none", "ct-abdomen", "ct-lung", "ct-brain", "ct-bone", "perc
 """'auto': a uint8 image is used as it is; otherwise a CT window when values are Hounsfield units, else the
 volume's 0.5-99.5 percentiles (as `qmedsam predict -i scan.nii.gz`). 'none': the values as they are."""
 
-FEATURES = {"label": 0, "z0": -1, "z1": -1}
+FEATURES = {"label": 0, "z0": -1, "z1": -1, "axis": -1, "index": -1}
 """Per-rectangle features the widget keeps on its Shapes layer: the label the box paints (0 = not yet
-assigned) and, in 3D, the box's z range."""
+assigned), in 3D the box's z range, and for a box drawn with "3D from this slice" the axis and the slice it was
+drawn on (-1: the fixed 3D rule)."""
 
 CLICK_FEATURES = {"object": 0, "label": 1}
 """Per-point features of the widget's clicks layer: the object (its box's label) the click refines and the
@@ -41,6 +42,7 @@ class BoxJob:
     box: np.ndarray
     clicks: np.ndarray = field(default_factory=no_clicks)
     z: int | None = None
+    from_slice: tuple[int, int] | None = None  # (axis, index): `box` [x0, y0, x1, y1] on that slice finds the object
 
     @property
     def is_3d(self) -> bool:
@@ -62,6 +64,7 @@ class ObjectPrompts:
     label: int
     box: np.ndarray
     clicks: np.ndarray = field(default_factory=no_clicks)
+    from_slice: tuple[int, int] | None = None  # (axis, index) of a one-slice box; `box` is then [x0, y0, x1, y1]
 
 
 def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[np.ndarray, int | None]:
@@ -78,6 +81,31 @@ def rectangle_box(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple
             raise CaseError(f"rectangle drawn on slice {z}, outside the volume (0..{spatial_shape[0] - 1})")
     ys, xs = vertices[:, -2], vertices[:, -1]
     return np.rint([xs.min(), ys.min(), xs.max(), ys.max()]).astype(np.int64), z
+
+
+def slice_rectangle(vertices: np.ndarray, spatial_shape: tuple[int, ...]) -> tuple[int, int, np.ndarray]:
+    """A rectangle drawn on a volume in whichever view napari shows (data coordinates (z, y, x)) -> (the axis it
+    is flat along, the slice index on that axis, [x0, y0, x1, y1] in that slice's own pixels: x its columns, y
+    its rows, the other two axes in order), as `Segmenter.segment_from_slice` takes it."""
+    vertices = np.asarray(vertices, dtype=np.float64)
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or len(spatial_shape) != 3:
+        raise CaseError(f"rectangle vertices of shape {vertices.shape} are not on a volume of {spatial_shape}")
+    flat = [axis for axis in range(3) if np.ptp(vertices[:, axis]) < 1e-6]
+    if len(flat) != 1:
+        raise CaseError("the rectangle does not lie on one slice of the volume (draw it in a 2D view)")
+    axis = flat[0]
+    index = int(np.rint(vertices[0, axis]))
+    if not 0 <= index < spatial_shape[axis]:
+        raise CaseError(f"rectangle drawn on slice {index} of axis {axis}, outside the volume")
+    rows, cols = (vertices[:, a] for a in range(3) if a != axis)
+    return axis, index, np.rint([cols.min(), rows.min(), cols.max(), rows.max()]).astype(np.int64)
+
+
+def slice_box_rectangle(box: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A one-slice box ([x0, y0, x1, y1] on slice `index` of `axis`) -> (4, 3) rectangle vertices (z, y, x)."""
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(box).ravel())
+    corners = [(y0, x0), (y0, x1), (y1, x1), (y1, x0)]
+    return np.array([np.insert(np.array(corner), axis, float(index)) for corner in corners])
 
 
 def box_rectangle(box: np.ndarray) -> np.ndarray:

@@ -6,6 +6,11 @@ box on it costs only the decoder. A 3D box is the rectangle's xy extent over its
 3D rule), reported slice by slice and cancellable; the Labels layer is only written when a job finishes, so a
 cancelled job leaves every layer as it was.
 
+"3D from this slice" ticked: a rectangle drawn on a volume, in whichever view napari shows (axial, coronal or
+sagittal), is one box on one slice, and the whole object is found from it (`Segmenter.segment_from_slice`: the
+walk outward both ways with its stop rule, the image layer's scale as the voxel spacing), slice by slice with
+progress and cancel like a 3D box. Such objects take no clicks (clicks refine boxes drawn without it).
+
 Clicks live on the widget's Points layer (napari's add mode), each tied to an object (a box's label) and a
 slice: a click adds an include point to the selected object, Shift-click or right-click (or any click with
 "Exclude" ticked) an exclude point. Adding, removing (Undo, Ctrl+Z, napari's delete) or moving a click re-runs
@@ -50,6 +55,8 @@ from qmedsam.napari.layers import (
     no_clicks,
     paint,
     rectangle_box,
+    slice_box_rectangle,
+    slice_rectangle,
     z_range,
 )
 from qmedsam.segmenter import Segmenter
@@ -97,6 +104,7 @@ class SegmentWidget(QWidget):
         self._segmenter = None
         self._segmenter_model: str | None = None
         self._prepared: tuple | None = None
+        self._model_volume: np.ndarray | None = None
         self._queue: deque[_Queued] = deque()
         self._worker = None
         self._running: _Queued | None = None
@@ -125,6 +133,12 @@ class SegmentWidget(QWidget):
         z_row.addWidget(self.z_from)
         z_row.addWidget(QLabel("to"))
         z_row.addWidget(self.z_to)
+        self.from_slice_check = QCheckBox("3D from this slice")
+        self.from_slice_check.setToolTip(
+            "A rectangle drawn on a volume (any view) finds the whole object: slice by slice outward from it, "
+            "stopping where the object ends"
+        )
+        z_row.addWidget(self.from_slice_check)
         self.object_spin = QSpinBox()
         self.object_spin.setRange(0, 65535)
         self.object_spin.setSpecialValueText("none")
@@ -232,6 +246,7 @@ class SegmentWidget(QWidget):
             spin.setValue(min(slice_now, depth))
             spin.setEnabled(len(spatial) == 3)
             spin.blockSignals(False)
+        self.from_slice_check.setEnabled(len(spatial) == 3)
         self.viewer.layers.selection.active = self.boxes_layer
         self.boxes_layer.mode = "add_rectangle"
 
@@ -361,6 +376,9 @@ class SegmentWidget(QWidget):
 
     def _job_for(self, row: int) -> BoxJob:
         features = self.boxes_layer.features
+        spatial = self.spatial_shape
+        if int(features.loc[row, "label"]) == 0 and len(spatial) == 3 and self.from_slice_check.isChecked():
+            features.loc[row, "axis"] = 0  # drawn as a one-slice box: the axis and slice are read below
         if int(features.loc[row, "label"]) == 0:
             used = features["label"].to_numpy()
             features.loc[row, "label"] = int(used.max(initial=0)) + 1
@@ -368,7 +386,10 @@ class SegmentWidget(QWidget):
         vertices = np.array(
             [self.image_layer.world_to_data(self.boxes_layer.data_to_world(v)) for v in self.boxes_layer.data[row]]
         )
-        spatial = self.spatial_shape
+        if len(spatial) == 3 and int(features.loc[row, "axis"]) >= 0:
+            axis, index, box = slice_rectangle(vertices[:, -3:], spatial)
+            features.loc[row, "axis"], features.loc[row, "index"] = axis, index
+            return BoxJob(label, box, no_clicks(), from_slice=(axis, index))
         box, drawn = rectangle_box(vertices[:, -len(spatial) :], spatial)
         clicks = self.object_clicks(label)
         if drawn is None:
@@ -385,6 +406,8 @@ class SegmentWidget(QWidget):
         if layer is None or len(self.spatial_shape) != 3 or len(layer.selected_data) != 1:
             return
         (row,) = layer.selected_data
+        if int(layer.features.loc[row, "axis"]) >= 0:  # a one-slice box has no z range
+            return
         z0, z1 = sorted((self.z_from.value(), self.z_to.value()))
         layer.features.loc[row, "z0"], layer.features.loc[row, "z1"] = z0, z1
         self._enqueue([row])
@@ -454,6 +477,14 @@ class SegmentWidget(QWidget):
         label = int(self.clicks_layer.features.loc[row, "object"])
         if label == 0:
             return "click ignored: no object selected; draw a box or select one first"
+        rows = [i for i, value in enumerate(self.boxes_layer.features["label"]) if int(value) == label]
+        if not rows:
+            return f"click ignored: object {label} has no box"
+        if int(self.boxes_layer.features.loc[rows[0], "axis"]) >= 0:
+            return (
+                f"click ignored: object {label} was found from one slice; clicks refine boxes drawn without "
+                "'3D from this slice'"
+            )
         segmenter = self._segmenter
         if (
             segmenter is not None
@@ -461,9 +492,6 @@ class SegmentWidget(QWidget):
             and not getattr(segmenter.engine, "takes_clicks", True)
         ):
             return "click ignored: this model's decoder takes boxes only; pick fp32 or a model exported with clicks"
-        rows = [i for i, value in enumerate(self.boxes_layer.features["label"]) if int(value) == label]
-        if not rows:
-            return f"click ignored: object {label} has no box"
         x, y, z, _ = self._click_rows([row])[0]
         spatial = self.spatial_shape
         height, width = spatial[-2:]
@@ -513,6 +541,8 @@ class SegmentWidget(QWidget):
                 job = self._job_for(rows[label])
             except CaseError as exc:
                 self._say(f"box {label}: {exc}")
+                continue
+            if job.from_slice is not None:
                 continue
             if job.is_3d:
                 if not job.box[2] <= z <= job.box[5]:
@@ -586,11 +616,13 @@ class SegmentWidget(QWidget):
     def _inputs(self) -> tuple:
         """What a job needs from the UI, read on the UI thread."""
         layer = self.image_layer
-        return (id(layer), layer.data, bool(layer.rgb), self.window_combo.currentText(), self.model_combo.currentData())
+        spacing = tuple(float(v) for v in layer.scale[-3:]) if layer.ndim == 3 and not layer.rgb else None
+        window, model = self.window_combo.currentText(), self.model_combo.currentData()
+        return (id(layer), layer.data, bool(layer.rgb), window, model, spacing)
 
     def _compute(self, job: BoxJob, inputs: tuple):
         """Runs in the worker thread: prepare (model, windowed image) if needed, then the box's mask."""
-        layer_id, data, rgb, window, model = inputs
+        layer_id, data, rgb, window, model, spacing = inputs
         if self._segmenter is None or self._segmenter_model != model:
             self._segmenter, self._segmenter_model, self._prepared = (
                 Segmenter(model=model, cached_slices=CACHED_SLICES),
@@ -599,9 +631,34 @@ class SegmentWidget(QWidget):
             )
         segmenter = self._segmenter
         if self._prepared != (layer_id, window, model):
-            segmenter.set_image(model_image(data, rgb, window))
+            self._model_volume = model_image(data, rgb, window)
+            segmenter.set_image(self._model_volume)
             self._prepared = (layer_id, window, model)
         encoded, encode_s, started = segmenter.encoded_slices, segmenter.encode_seconds, time.perf_counter()
+        if job.from_slice is not None:
+            axis, index = job.from_slice
+            valid = spacing is not None and all(np.isfinite(v) and v > 0 for v in spacing)
+            walk = segmenter.walk_from_slice(
+                self._model_volume, job.box, axis, index, spacing if valid else None
+            )  # fmt: skip
+            while True:
+                try:
+                    done = next(walk)
+                except StopIteration as finished:
+                    mask = finished.value
+                    break
+                yield done, done + 1  # how far the object reaches is found on the way
+            result = segmenter.last_from_slice
+            assert result is not None
+            low, high = result.slices
+            timing = Timing(
+                job.label,
+                high - low + 1,
+                result.encoded,
+                result.encode_seconds * 1000,
+                (time.perf_counter() - started - result.encode_seconds) * 1000,
+            )
+            return job, mask, timing
         if not job.is_3d:
             yield 0, 1
             mask = segmenter.predict(job.box, **job.clicks_on(0))
@@ -692,7 +749,7 @@ class SegmentWidget(QWidget):
                 except CaseError as exc:
                     self._say(f"box {int(label)} not saved: {exc}")
                     continue
-                objects.append(ObjectPrompts(job.label, job.box, job.clicks))
+                objects.append(ObjectPrompts(job.label, job.box, job.clicks, job.from_slice))
         return objects
 
     def save_prompts(self, path: str | Path, masks: str | None = None) -> Path:
@@ -742,11 +799,20 @@ class SegmentWidget(QWidget):
                 boxes.selected_data = set(range(len(boxes.data)))
                 boxes.remove_selected()
             if objects:
-                boxes.add_rectangles([to_layer(boxes, box_rectangle(obj.box)) for obj in objects])
+                boxes.add_rectangles(
+                    [
+                        to_layer(boxes, box_rectangle(obj.box) if obj.from_slice is None else slice_box_rectangle(
+                            obj.box, *obj.from_slice))
+                        for obj in objects
+                    ]
+                )  # fmt: skip
+            fixed = [is_3d and obj.from_slice is None for obj in objects]
             boxes.features = {
                 "label": np.array([obj.label for obj in objects], np.int64),
-                "z0": np.array([obj.box[2] if is_3d else -1 for obj in objects], np.int64),
-                "z1": np.array([obj.box[5] if is_3d else -1 for obj in objects], np.int64),
+                "z0": np.array([obj.box[2] if f else -1 for obj, f in zip(objects, fixed, strict=True)], np.int64),
+                "z1": np.array([obj.box[5] if f else -1 for obj, f in zip(objects, fixed, strict=True)], np.int64),
+                "axis": np.array([-1 if obj.from_slice is None else obj.from_slice[0] for obj in objects], np.int64),
+                "index": np.array([-1 if obj.from_slice is None else obj.from_slice[1] for obj in objects], np.int64),
             }
             self.clicks_layer.data = to_layer(self.clicks_layer, image_points)
             self.clicks_layer.features = {
