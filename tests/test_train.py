@@ -122,6 +122,15 @@ def test_cpu_recipe_with_no_steps_writes_the_reconstructed_model(train_tree_dir:
     assert all(torch.equal(init["model"][k], last["model"][k]) for k in init["model"])
 
 
+def test_a_missing_training_tree_is_named_before_any_work(tmp_path, capsys):
+    missing = tmp_path / "no-tree"
+    code = qmedsam_main(
+        ["train", "--config", str(STAGES / "stage2_quant_decoder.yaml"), "--set", f"data_root={missing}"]
+    )
+    assert code == 2
+    assert f"data_root {missing}: no such folder" in capsys.readouterr().err
+
+
 def test_cli_names_a_misspelt_key(tmp_path):
     bad = tmp_path / "stage.yaml"
     bad.write_text((STAGES / "stage2_quant_decoder.yaml").read_text() + "warmup_epoch: 3\n")

@@ -79,8 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="boxes.json or .csv: [i_min, j_min, k_min, i_max, j_max, k_max] in the scan's voxel indices (its array "
-        "axes in order, inclusive), optional label per box; a box on one slice marked {\"box\": [i0, j0, k, i1, j1, "
-        "k], \"from_slice\": true} (CSV column from_slice) gives the whole 3D object (thin along any one axis)",
+        'axes in order, inclusive), optional label per box; a box on one slice marked {"box": [i0, j0, k, i1, j1, '
+        'k], "from_slice": true} (CSV column from_slice) gives the whole 3D object (thin along any one axis)',
     )
     scans.add_argument(
         "--boxes-from",

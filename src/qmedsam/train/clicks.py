@@ -46,7 +46,13 @@ from qmedsam.model.litemedsam import load_pretrained_litemedsam
 from qmedsam.model.weights import pretrained_weights_path
 from qmedsam.train.click_data import ViewSet, build_views
 from qmedsam.train.config import RECIPE, ClickConfig, ConfigError
-from qmedsam.train.loop import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, load_student
+from qmedsam.train.loop import (
+    CHECKPOINT_FORMAT,
+    atomic_torch_save,
+    check_data_root,
+    load_checkpoint,
+    load_student,
+)
 from qmedsam.train.losses import segmentation_loss
 
 log = logging.getLogger(__name__)
@@ -360,7 +366,7 @@ class ClickTrainer:
         self.teacher = load_pretrained_litemedsam().eval()
         self.encoder_identity = identity = encoder_sha256(self.encoder_dir)
         teacher_identity = sha256_file(pretrained_weights_path())
-        root = Path(config.data_root)
+        root = check_data_root(config.data_root)
         with tempfile.TemporaryDirectory() as scratch:
             student = (identity, exact_int8_encoder(self.encoder_dir, Path(scratch)))
             teacher = (teacher_identity, float_teacher_encoder(self.teacher))

@@ -369,9 +369,21 @@ def _config_dict(config: TrainConfig) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
+def check_data_root(root: str | Path) -> Path:
+    """The training tree's folder, or an error naming it and how to build one (was a traceback)."""
+    path = Path(root)
+    if not path.is_dir():
+        raise UserFacingError(
+            f"data_root {path}: no such folder; build the training tree with `qmedsam data train --out {path}` "
+            "or point --set data_root=DIR at one"
+        )
+    return path
+
+
 def make_dataset(config: TrainConfig):
     from qmedsam.datasets.modality import GatherModalityDataset
 
+    check_data_root(config.data_root)
     return GatherModalityDataset(
         config.data_root,
         image_size=config.image_size,
