@@ -93,7 +93,7 @@ def test_an_axis_permuted_copy_gives_the_same_object(segmenter: Segmenter, ct):
     its axes permuted so that those slices come first: identical masks, the slices being the same arrays. And
     the in-plane transpose (x and y swapped) gives the same object up to what the model sees differently."""
     volume, gts = ct
-    truth = gts == 2
+    truth = gts == 6  # small (17 coronal slices): keeps the three walks short
     box, index = _slice_prompt(truth, axis=1)
     coronal = segmenter.segment_from_slice(volume, box, axis=1, index=index)
     permuted = np.ascontiguousarray(np.moveaxis(volume, 1, 0))
@@ -128,7 +128,7 @@ def test_a_thick_slice_copy_segments_like_the_original(segmenter: Segmenter, ct)
     """Every second axial slice of the CT with the z spacing doubled: a coronal box segments the object on square
     pixels (resampled), and the mask on the thick-slice grid matches the original run's every second slice."""
     volume, gts = ct
-    truth = gts == 2
+    truth = gts == 2  # (label 6, 17 px across, stopped after a few 6 mm slices: Dice 0.13 vs the 3 mm walk)
     box, index = _slice_prompt(truth, axis=1)
     spacing = (3.0, 3.0, 3.0)
     original = segmenter.segment_from_slice(volume, box, axis=1, index=index, spacing=spacing)
@@ -188,7 +188,7 @@ def test_predict_finds_the_object_from_a_slice_box_in_a_scan(segmenter: Segmente
     depth, height, width = volume.shape
     axial_box, z = _slice_prompt(gts == 6, axis=0)
     x0, y0, x1, y1 = (int(v) for v in axial_box)
-    sagittal_box, x = _slice_prompt(gts == 2, axis=2)  # slice (z, y): box [y0, z0, y1, z1]
+    sagittal_box, x = _slice_prompt(gts == 3, axis=2)  # slice (z, y): box [y0, z0, y1, z1]
     sy0, sz0, sy1, sz1 = (int(v) for v in sagittal_box)
     # File indices: i = width - 1 - x, j = height - 1 - y, k = z.
     prompts = [
@@ -199,7 +199,7 @@ def test_predict_finds_the_object_from_a_slice_box_in_a_scan(segmenter: Segmente
         },
         {
             "box": [width - 1 - x, height - 1 - sy1, sz0, width - 1 - x, height - 1 - sy0, sz1],
-            "label": 2,
+            "label": 3,
             "from_slice": True,
         },
     ]
@@ -212,7 +212,7 @@ def test_predict_finds_the_object_from_a_slice_box_in_a_scan(segmenter: Segmente
     sagittal = segmenter.segment_from_slice(volume, sagittal_box, axis=2, index=x, spacing=(3, 3, 3))
     expected = np.zeros(volume.shape, np.int64)
     expected[axial] = 6
-    expected[sagittal] = 2
+    expected[sagittal] = 3
     np.testing.assert_array_equal(work, expected)
     sidecar = json.loads((tmp_path / "out" / "ct.json").read_text())
     walks = sidecar["from_slice_walks"]

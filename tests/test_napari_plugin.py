@@ -433,7 +433,7 @@ def test_a_rectangle_drawn_3d_from_this_slice_finds_the_object_in_any_view(
     widget = _widget(viewer, qtbot)
     widget.from_slice_check.setChecked(True)
     prompts = []
-    for label, axis in ((6, 0), (2, 1)):
+    for label, axis in ((6, 0), (3, 1)):
         view = np.moveaxis(gts == label, axis, 0)
         index = int(np.argmax(view.reshape(view.shape[0], -1).sum(axis=1)))
         prompts.append((mask_box(view[index]), axis, index))
