@@ -27,6 +27,7 @@ from qmedsam.inference.from_slice import (
     FromSliceResult,
     PlaneSlices,
     StopRule,
+    run_to_end,
     validated_spacing,
     walk_from_slice,
 )
@@ -109,12 +110,9 @@ class Segmenter:
         reaches and kept, so a second object in the same volume and view reuses them. How the walk went (slices,
         why each direction stopped, encodings) is in `last_from_slice`.
         """
-        walk = self.walk_from_slice(volume, box, axis, index, spacing, max_slices=max_slices, stop_rule=stop_rule)
-        while True:
-            try:
-                next(walk)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(
+            self.walk_from_slice(volume, box, axis, index, spacing, max_slices=max_slices, stop_rule=stop_rule)
+        )
 
     def walk_from_slice(
         self,

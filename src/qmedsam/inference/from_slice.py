@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -28,11 +29,22 @@ from qmedsam.errors import UserFacingError
 from qmedsam.inference.runtime import Engine
 from qmedsam.inference.slice_encoder import SliceEncoder
 
+T = TypeVar("T")
+
 MAX_PLANE_SIDE = 1024
 """A resampled slice's longest side at most (the model sees 256 anyway); caps memory for very thin slices."""
 
 DEFAULT_MARGIN = 3
 """Model-space pixels added to each side of the previous mask's box (the LiteMedSAM baseline's margin)."""
+
+
+def run_to_end(generator: Generator[int, None, T]) -> T:
+    """Drive a walk's generator (its yields are progress) to the value it returns."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass(frozen=True)
@@ -218,11 +230,7 @@ class SliceWalk:
     ) -> tuple[dict[int, np.ndarray], dict[str, str], list[WalkStep]]:
         """Masks (resampled grid) by slice index, why each direction stopped, and every step the rule judged."""
         walk = self.walk(box, index, rule, max_slices)
-        while True:
-            try:
-                next(walk)
-            except StopIteration as done:
-                return done.value
+        return run_to_end(walk)
 
     def walk(
         self,
@@ -299,11 +307,7 @@ def segment_from_slice(
         engine, volume, box, axis, index, spacing, rule=rule, max_slices=max_slices, margin=margin, slices=slices,
         source=source,
     )  # fmt: skip
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return run_to_end(steps)
 
 
 def walk_from_slice(
@@ -384,6 +388,7 @@ def validated_spacing(spacing, source: str) -> tuple[float, float, float] | None
 
 
 __all__ = [
+    "run_to_end",
     "FromSlicePrompts",
     "FromSliceResult",
     "PlaneSlices",
