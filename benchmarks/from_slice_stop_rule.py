@@ -31,7 +31,7 @@ import numpy as np
 from qmedsam.data.npz import read_npz
 from qmedsam.data.preprocess import mask_box
 from qmedsam.engines import load_engine
-from qmedsam.inference.from_slice import PlaneSlices, SliceWalk, StopRule, WalkStep
+from qmedsam.inference.from_slice import PlaneSlices, SliceWalk, StopRule, WalkStep, run_to_end
 from qmedsam.inference.segment import SliceEncoder
 
 AREA = (None, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -68,7 +68,6 @@ def _record_object(engine, plane, encoder, labels_view, label, name, axis) -> di
     index = int(np.argmax(per_slice))
     box = mask_box(truth[index])
     walk = SliceWalk(engine, plane, encoder)
-    recorded: list[WalkStep] = []
 
     def judge(step: WalkStep) -> str | None:
         if step.area == 0:
@@ -77,8 +76,7 @@ def _record_object(engine, plane, encoder, labels_view, label, name, axis) -> di
             return "recorded far enough"  # a rule still walking here has long missed the end
         return None
 
-    masks, stops, steps = walk.run(box, index, judge)
-    recorded = steps
+    masks, stops, steps = run_to_end(walk.walk(box, index, judge))
     on_grid = {k: plane.mask_to_original(m) for k, m in masks.items()}
 
     def meets(k: int) -> tuple[int, int]:
@@ -89,7 +87,7 @@ def _record_object(engine, plane, encoder, labels_view, label, name, axis) -> di
 
     start_pred, start_inter = meets(index)
     rows = []
-    for step in recorded:
+    for step in steps:
         pred, inter = meets(step.index) if step.area else (0, 0)
         rows.append(
             {
@@ -138,7 +136,7 @@ def dice_under(rule: StopRule, obj: dict) -> tuple[float, int]:
         for row in (r for r in obj["steps"] if r["direction"] == direction):
             encoded += 1
             step = WalkStep(
-                row["index"], row["distance"], row["area"], row["start_area"], 0, row["overlap"], row["confidence"]
+                row["index"], row["distance"], row["area"], row["start_area"], row["overlap"], row["confidence"]
             )
             if rule.reason(step) is not None:
                 break

@@ -88,7 +88,6 @@ class WalkStep:
     distance: int
     area: int
     start_area: int
-    previous_area: int
     overlap: float
     confidence: float
 
@@ -221,17 +220,6 @@ class SliceWalk:
         logits = np.asarray(self.engine.decode(embedding, np.asarray(model_box, np.float32)[None]))
         return postprocess_logits(logits, geometry)[0], _confidence(logits[0], geometry)
 
-    def run(
-        self,
-        box: np.ndarray,
-        index: int,
-        rule: StopRule | Callable[[WalkStep], str | None],
-        max_slices: int | None = None,
-    ) -> tuple[dict[int, np.ndarray], dict[str, str], list[WalkStep]]:
-        """Masks (resampled grid) by slice index, why each direction stopped, and every step the rule judged."""
-        walk = self.walk(box, index, rule, max_slices)
-        return run_to_end(walk)
-
     def walk(
         self,
         box: np.ndarray,
@@ -239,7 +227,8 @@ class SliceWalk:
         rule: StopRule | Callable[[WalkStep], str | None],
         max_slices: int | None = None,
     ) -> Generator[int, None, tuple[dict[int, np.ndarray], dict[str, str], list[WalkStep]]]:
-        """`run`, yielding the number of slices decoded so far after each (a UI shows progress and can stop)."""
+        """Masks (resampled grid) by slice index, why each direction stopped, and every step the rule judged;
+        yields the number of slices decoded so far after each one."""
         judge = rule.reason if isinstance(rule, StopRule) else rule
         start_mask, _ = self.decode(index, None, self.plane.box_to_plane(box))
         yield 1
@@ -268,7 +257,6 @@ class SliceWalk:
                     distance,
                     area,
                     start_area,
-                    int(np.count_nonzero(previous)),
                     _overlap(mask, previous),
                     confidence,
                 )
@@ -282,32 +270,6 @@ class SliceWalk:
             else:
                 stops[name] = f"the cap of {limit} slices"
         return masks, stops, steps
-
-
-def segment_from_slice(
-    engine: Engine,
-    volume: np.ndarray,
-    box,
-    axis: int = 0,
-    index: int = 0,
-    spacing: tuple[float, float, float] | None = None,
-    *,
-    rule: StopRule | None = None,
-    max_slices: int | None = None,
-    margin: int = DEFAULT_MARGIN,
-    slices: tuple[PlaneSlices, SliceEncoder] | None = None,
-    source: str = "segment_from_slice",
-) -> FromSliceResult:
-    """The whole object from one box on slice `index` of `axis` ((D, H, W) bool mask on the volume's grid).
-
-    `slices` (a `PlaneSlices` and a `SliceEncoder` over it) lets callers keep embeddings between objects.
-    An object the box finds nothing of on its own slice gives an empty mask and a warning.
-    """
-    steps = walk_from_slice(
-        engine, volume, box, axis, index, spacing, rule=rule, max_slices=max_slices, margin=margin, slices=slices,
-        source=source,
-    )  # fmt: skip
-    return run_to_end(steps)
 
 
 def walk_from_slice(
@@ -324,7 +286,12 @@ def walk_from_slice(
     slices: tuple[PlaneSlices, SliceEncoder] | None = None,
     source: str = "segment_from_slice",
 ) -> Generator[int, None, FromSliceResult]:
-    """`segment_from_slice`, yielding the slices decoded so far after each one (progress, and a point to stop)."""
+    """The whole object from one box on slice `index` of `axis`: a generator yielding the slices decoded so far
+    after each one (progress, and a point to stop) that returns the `FromSliceResult` (`run_to_end` drives it).
+
+    `slices` (a `PlaneSlices` and a `SliceEncoder` over it) lets callers keep embeddings between objects.
+    An object the box finds nothing of on its own slice gives an empty mask and a warning.
+    """
     if axis not in (0, 1, 2):
         raise UserFacingError(f"{source}: axis must be 0, 1 or 2, got {axis!r}")
     if max_slices is not None and max_slices < 0:
@@ -355,8 +322,7 @@ class FromSlicePrompts:
 
     name = "from-slice"
 
-    def __init__(self, spacing: tuple[float, float, float] | None = None, rule: StopRule | None = None) -> None:
-        self.spacing = spacing
+    def __init__(self, rule: StopRule | None = None) -> None:
         self.rule = rule
 
     def segment(self, engine: Engine, case: Case, segs: np.ndarray, batch: int) -> None:
@@ -365,15 +331,17 @@ class FromSlicePrompts:
         for number, box in enumerate(case.boxes):
             x0, y0, z0, x1, y1, z1 = (int(v) for v in box)
             middle = (z0 + z1) // 2
-            result = segment_from_slice(
-                engine,
-                case.image,
-                np.array([x0, y0, x1, y1]),
-                0,
-                middle,
-                rule=self.rule,
-                slices=slices,  # type: ignore[arg-type]
-                source=f"{case.path.name} box {number}",
+            result = run_to_end(
+                walk_from_slice(
+                    engine,
+                    case.image,
+                    np.array([x0, y0, x1, y1]),
+                    0,
+                    middle,
+                    rule=self.rule,
+                    slices=slices,  # type: ignore[arg-type]
+                    source=f"{case.path.name} box {number}",
+                )
             )
             segs[result.mask] = number + 1
 
@@ -395,7 +363,6 @@ __all__ = [
     "SliceWalk",
     "StopRule",
     "WalkStep",
-    "segment_from_slice",
     "validated_spacing",
     "walk_from_slice",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmedsam.data.cases import case_from_arrays, segmentation_dtype, validated_image
-from qmedsam.inference.from_slice import PlaneSlices, segment_from_slice
+from qmedsam.inference.from_slice import PlaneSlices, run_to_end, walk_from_slice
 from qmedsam.inference.runtime import Engine
 from qmedsam.inference.segment import DEFAULT_BATCH, segment_case
 from qmedsam.inference.slice_encoder import SliceEncoder
@@ -66,8 +66,10 @@ def segment_scan(
             if axis not in views:
                 plane = PlaneSlices(image, axis, spacing)
                 views[axis] = (plane, SliceEncoder(engine, plane))  # type: ignore[arg-type]
-            result = segment_from_slice(
-                engine, image, box, axis, index, spacing, slices=views[axis], source=f"{source} box {number}"
+            result = run_to_end(
+                walk_from_slice(
+                    engine, image, box, axis, index, spacing, slices=views[axis], source=f"{source} box {number}"
+                )
             )
             segs[result.mask] = number + 1
             walks.append(

@@ -377,16 +377,18 @@ class SegmentWidget(QWidget):
     def _job_for(self, row: int) -> BoxJob:
         features = self.boxes_layer.features
         spatial = self.spatial_shape
-        if int(features.loc[row, "label"]) == 0 and len(spatial) == 3 and self.from_slice_check.isChecked():
-            features.loc[row, "axis"] = 0  # drawn as a one-slice box: the axis and slice are read below
-        if int(features.loc[row, "label"]) == 0:
+        new = int(features.loc[row, "label"]) == 0
+        one_slice = len(spatial) == 3 and (
+            int(features.loc[row, "axis"]) >= 0 or (new and self.from_slice_check.isChecked())
+        )
+        if new:
             used = features["label"].to_numpy()
             features.loc[row, "label"] = int(used.max(initial=0)) + 1
         label = int(features.loc[row, "label"])
         vertices = np.array(
             [self.image_layer.world_to_data(self.boxes_layer.data_to_world(v)) for v in self.boxes_layer.data[row]]
         )
-        if len(spatial) == 3 and int(features.loc[row, "axis"]) >= 0:
+        if one_slice:
             axis, index, box = slice_rectangle(vertices[:, -3:], spatial)
             features.loc[row, "axis"], features.loc[row, "index"] = axis, index
             return BoxJob(label, box, no_clicks(), from_slice=(axis, index))
