@@ -21,6 +21,7 @@ SMALL = [
     "slice_stride=40",
     "views_per_slice=2",
     "val_max_views=3",
+    "val_max_objects=4",
     "calib_views=4",
     "batch_size=2",
     "max_clicks=2",

@@ -300,18 +300,16 @@ def _torchrun(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
 
 
-def test_three_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tmp_path: Path):
-    """The chain 1 -> 2 -> 3 for one step each on two gloo ranks; every stage starts from the previous one."""
-    out = tmp_path / "chain"
-    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=1", *SMALL]
-    result = _torchrun("train", "--stages", "1,2,3", "--set", *sets)
+def _check_chain(out: Path, result: subprocess.CompletedProcess, stages: dict[int, list[str]], first_init) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
-    for stage, calibrated in ((1, ["image_encoder"]), (2, ["mask_decoder"]), (3, [])):
+    for stage, calibrated in stages.items():
         folder = out / f"stage{stage}"
         init = torch.load(folder / "init.pt", map_location="cpu", weights_only=True)["init"]
         assert init["calibrated_parts"] == calibrated, init
-        if stage > 1:
+        if stage - 1 in stages:
             assert init["init"] == str(out / f"stage{stage - 1}" / "last.pt")
+        else:
+            assert first_init(init["init"]), init
         steps, _ = read_metrics(folder / "metrics.jsonl")
         assert sorted(steps) == [1] and np.isfinite(steps[1]["loss"])
         sync = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()][-1]
@@ -321,6 +319,25 @@ def test_three_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tm
         assert checkpoint["run"]["step"] == 1 and checkpoint["sampler"]["world_size"] == 2
     # The chain's output exports directly (stage 3 quantizes encoder and decoder, the default spec).
     assert "stage 3: best checkpoint" in result.stdout
+
+
+def test_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tmp_path: Path):
+    """Stages 2 -> 3 for one step each on two gloo ranks: decoder QAT from the pretrained weights (both parts
+    calibrated), then both parts trained with the teacher from stage 2's checkpoint. (Stage 1's encoder QAT is
+    stage 3's training path with the decoder frozen; the whole 1 -> 2 -> 3 chain runs in `make test-slow`.)"""
+    out = tmp_path / "chain"
+    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=1", "init_checkpoint=null", *SMALL]
+    result = _torchrun("train", "--stages", "2,3", "--set", *sets)
+    _check_chain(out, result, {2: ["image_encoder", "mask_decoder"], 3: []}, lambda init: init.endswith(".pth"))
+
+
+@pytest.mark.slow
+def test_three_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tmp_path: Path):
+    """The chain 1 -> 2 -> 3 for one step each on two gloo ranks; every stage starts from the previous one."""
+    out = tmp_path / "chain"
+    sets = [f"data_root={train_tree_dir}", f"out_dir={out}", "max_steps=1", *SMALL]
+    result = _torchrun("train", "--stages", "1,2,3", "--set", *sets)
+    _check_chain(out, result, {1: ["image_encoder"], 2: ["mask_decoder"], 3: []}, lambda init: init.endswith(".pth"))
 
 
 def test_killed_run_resumes_on_the_uninterrupted_trajectory(train_tree_dir: Path, tmp_path: Path):

@@ -27,14 +27,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qmedsam.data.preprocess import preprocess_image
-from qmedsam.export.parity import ParitySample, compare_engines
+from qmedsam.export.parity import ParitySample, RememberingEngine, compare_engines
 from qmedsam.inference.machine import exact_int8_dot_products
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
@@ -143,10 +143,19 @@ def _one_minus_cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(1.0 - a64 @ b64 / norm) if norm > 0 else float(not np.array_equal(a, b))
 
 
-def unit_parity(encoder_xml: Path, model, units: Sequence[dict[str, str]], samples: Sequence[ParitySample]) -> dict:
+def unit_parity(
+    encoder_xml: Path,
+    model,
+    units: Sequence[dict[str, str]],
+    samples: Sequence[ParitySample],
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """Per encoder block: 1 - cos between the IR block and the PyTorch block of `model` (a LiteMedSAM), both
     given PyTorch's input to that block; median over `samples` (a fault shows on every slice, an unlucky
-    rounding cascade on one), plus the worst slice and max |diff| / max |ref| for the record."""
+    rounding cascade on one), plus the worst slice and max |diff| / max |ref| for the record.
+
+    `encode` runs `model`'s encoder on a preprocessed image (default: directly); the export passes its
+    remembering reference engine so this forward pass is also the end-to-end check's."""
     import openvino as ov
     import torch
 
@@ -162,10 +171,13 @@ def unit_parity(encoder_xml: Path, model, units: Sequence[dict[str, str]], sampl
     try:
         with torch.inference_mode():
             for sample in samples:
-                model.encode(torch.from_numpy(preprocess_image(sample.image)[0]))
+                image = preprocess_image(sample.image)[0]
+                encode(image) if encode is not None else model.encode(torch.from_numpy(image))
     finally:
         for handle in hooks:
             handle.remove()
+    if samples and any(not pairs for pairs in captured.values()):  # a remembered image is not run again
+        raise RuntimeError("unit parity: the encoder never ran (were all its outputs already remembered?)")
     core = ov.Core()
     ir = core.read_model(str(encoder_xml))
     results = {}
@@ -259,12 +271,12 @@ def int8_parity(
     """
     import tempfile
 
-    reference = TorchEngine(model, name="torch-brevitas-fakequant")
+    reference = RememberingEngine(TorchEngine(model, name="torch-brevitas-fakequant"))  # compared three times
     with tempfile.TemporaryDirectory() as scratch:
         checked_dir = ir_to_check(Path(model_dir), Path(scratch))
         exact = checked_dir == Path(model_dir)
         candidate = OpenVINOEngine(checked_dir, precision="f32", cache_dir=cache_dir)
-        units_result = unit_parity(checked_dir / "encoder.xml", model, units, samples)
+        units_result = unit_parity(checked_dir / "encoder.xml", model, units, samples, reference.encode)
         end_to_end = compare_engines(reference, candidate, list(samples), teacher_forced_decoder=True)
         del candidate
     this_cpu = None

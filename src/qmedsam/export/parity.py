@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +40,51 @@ def phantom_samples() -> list[ParitySample]:
         image = np.clip(image, 0, 255).astype(np.uint8)
         samples.append(ParitySample(f"phantom_{index}", np.repeat(image[:, :, None], 3, 2), np.array(boxes)))
     return samples
+
+
+def _digest(*arrays: np.ndarray | None) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        if array is None:
+            hasher.update(b"none")
+            continue
+        contiguous = np.ascontiguousarray(array)
+        hasher.update(f"{contiguous.dtype}{contiguous.shape}".encode())
+        hasher.update(contiguous.tobytes())
+    return hasher.hexdigest()
+
+
+@dataclass
+class RememberingEngine:
+    """An engine that computes each distinct encode/decode once: the int8 export compares one slow reference
+    (fake-quant PyTorch) with several candidates on the same samples, and the reference's outputs do not
+    change between comparisons."""
+
+    engine: Engine
+    _encoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        key = _digest(image)
+        if key not in self._encoded:
+            self._encoded[key] = self.engine.encode(image)
+        return self._encoded[key].copy()
+
+    def decode(
+        self,
+        embedding: np.ndarray,
+        boxes: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        key = _digest(embedding, boxes, points, point_labels)
+        if key not in self._decoded:
+            self._decoded[key] = self.engine.decode(embedding, boxes, points, point_labels)
+        return self._decoded[key].copy()
 
 
 def compare_engines(
