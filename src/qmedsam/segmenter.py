@@ -38,8 +38,8 @@ DEFAULT_CACHED_SLICES = 32
 """Embeddings kept by the interactive API: 4 MiB each, so 128 MiB at most."""
 
 FROM_SLICE_CACHED_SLICES = 128
-"""Embeddings kept per view by `segment_from_slice` (at least `cached_slices`): a second object in the same volume
-and view reuses the slices the first one walked through; 512 MiB at most."""
+"""Embeddings kept per view by `segment_from_slice` by default: a second object in the same volume and view reuses
+the slices the first one walked through; 512 MiB at most."""
 
 
 class Segmenter:
@@ -59,16 +59,20 @@ class Segmenter:
         engine: Engine | None = None,
         cached_slices: int = DEFAULT_CACHED_SLICES,
         batch: int = DEFAULT_BATCH,
+        view_cached_slices: int = FROM_SLICE_CACHED_SLICES,
     ) -> None:
-        """`engine` replaces the OpenVINO model (e.g. a `TorchEngine` reference); then `model` must be None."""
+        """`engine` replaces the OpenVINO model (e.g. a `TorchEngine` reference); then `model` must be None.
+        `cached_slices` bounds the embeddings `predict` keeps, `view_cached_slices` those `segment_from_slice`
+        keeps per view (three views at most); 4 MiB each."""
         if engine is not None and model is not None:
             raise UserFacingError("give either model or engine, not both")
-        if cached_slices < 1 or batch < 1:
-            raise UserFacingError("cached_slices and batch must be at least 1")
+        if cached_slices < 1 or batch < 1 or view_cached_slices < 1:
+            raise UserFacingError("cached_slices, view_cached_slices and batch must be at least 1")
         if engine is None:
             engine = load_engine(model, precision=precision, threads=threads)
         self.engine = engine
         self.cached_slices = cached_slices
+        self.view_cached_slices = view_cached_slices
         self.batch = batch
         self._encoder: SliceEncoder | None = None
         self._dimension: int | None = None
@@ -144,8 +148,7 @@ class Segmenter:
             if len(self._views) >= 3:  # the last volume's three views at most
                 self._views.pop(next(iter(self._views)))
             plane = PlaneSlices(checked, axis, sizes)
-            cached = max(self.cached_slices, FROM_SLICE_CACHED_SLICES)
-            self._views[key] = (plane, SliceEncoder(self.engine, plane, max_cached=cached))
+            self._views[key] = (plane, SliceEncoder(self.engine, plane, max_cached=self.view_cached_slices))
         result = yield from walk_from_slice(
             self.engine,
             checked,

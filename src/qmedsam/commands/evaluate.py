@@ -17,6 +17,12 @@ from qmedsam.evaluate.click_protocol import (
     summarise_clicks,
     write_clicks_csv,
 )
+from qmedsam.evaluate.from_slice_protocol import (
+    evaluate_from_slice_folder,
+    format_from_slice_table,
+    summarise_from_slice,
+    write_from_slice_csv,
+)
 from qmedsam.evaluate.metrics import evaluate_folder, read_timing, summarise
 from qmedsam.evaluate.report import (
     format_table,
@@ -78,6 +84,15 @@ summary.json's "clicks" section (DSC and NSD per click and the AUC per case, mod
 clicks.csv (case, modality, click, dsc, nsd); the table printed is the mean DSC per click per modality.
 A model whose decoder takes boxes only is refused up front (so far the shipped int8 model, the default: use
 -m fp32, a click-trained model folder or --engine torch). --pred, --timing and --report do not apply.
+
+One-slice 3D (--from-slice): the model (-m, ... as above) segments every object of every 3D --gt case twice:
+from the ground truth's box on the object's largest slice along each --axis (0 axial, 1 coronal, 2 sagittal;
+default 0), walking outward with the default stop rule as Segmenter.segment_from_slice does, and with the fixed
+3D-box rule told the object's z extent (its xy box on every slice of it, as predict does for a 3D box). Per object
+and rule: DSC, NSD (tolerance as above, with the case's spacing; 0 where the object's DSC <= 0.2), slices
+segmented, slices newly encoded (each rule and axis keeps the case's embeddings, so later objects reuse them) and
+wall seconds. Outputs in --out (required): from_slice.csv (one row per object and rule) and summary.json
+(means per rule, overall and per modality); the table printed is the overall means. 2D cases are skipped.
 """
 
 
@@ -167,6 +182,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clicks.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     clicks.add_argument("--checkpoint", type=Path, default=None, help="torch engine: float state dict to load")
     clicks.add_argument("--batch", type=int, default=16, help="boxes per decoder call at click 0 (default 16)")
+    one_slice = parser.add_argument_group("one-slice 3D: each object from one box on one slice (see above)")
+    one_slice.add_argument(
+        "--from-slice",
+        action="store_true",
+        help="run the model on the 3D cases of --images: each object from the ground truth's box on its largest "
+        "slice, next to the fixed 3D box; DSC, NSD, slices encoded and seconds per object",
+    )
+    one_slice.add_argument(
+        "--axis",
+        type=int,
+        choices=[0, 1, 2],
+        action="append",
+        default=None,
+        help="slice axis of the (D, H, W) arrays for --from-slice: 0 axial, 1 coronal, 2 sagittal; repeat for "
+        "several (default: 0)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -189,10 +220,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--workers must be at least 1 (got {args.workers})")
     if not args.tolerance > 0:
         raise UserFacingError(f"--tolerance must be a positive number of mm (got {args.tolerance})")
+    if args.clicks is not None and args.from_slice:
+        raise UserFacingError("--clicks and --from-slice are two protocols: run them one at a time")
+    if args.axis is not None and not args.from_slice:
+        raise UserFacingError("--axis applies with --from-slice")
     if args.clicks is not None:
         return run_clicks(args)
+    if args.from_slice:
+        return run_from_slice(args)
     if args.pred is None:
-        raise UserFacingError("--pred is required (or --clicks K with --images to run a model)")
+        raise UserFacingError("--pred is required (or --clicks K / --from-slice with --images to run a model)")
     model_options = [
         option
         for option, value, default in (
@@ -206,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
         if value != default
     ]
     if model_options:
-        raise UserFacingError(f"{', '.join(model_options)} apply with --clicks (which runs a model); --pred is scored")
+        raise UserFacingError(
+            f"{', '.join(model_options)} apply with --clicks or --from-slice (which run a model); --pred is scored"
+        )
     timing_path = args.timing
     if timing_path is None and (args.pred / "timing.csv").is_file():
         timing_path = args.pred / "timing.csv"
@@ -306,5 +345,47 @@ def run_clicks(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if summary["errors"]:
         print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_from_slice(args: argparse.Namespace) -> int:
+    """`--from-slice`: each object of the 3D cases from one slice's box, next to the fixed 3D box."""
+    refused = [
+        option
+        for option, value in (("--pred", args.pred), ("--timing", args.timing), ("--report", args.report))
+        if value is not None
+    ]
+    if refused:
+        raise UserFacingError(f"{', '.join(refused)} cannot be used with --from-slice (the model makes the masks)")
+    if args.images is None or args.out is None:
+        raise UserFacingError("--from-slice needs --images (the case files) and --out (the folder for the results)")
+    for option, folder in (("--images", args.images), ("--gt", args.gt)):
+        if not folder.is_dir():  # before the model loads
+            raise UserFacingError(f"{option} {folder} is not a folder")
+    engine = load_engine(
+        args.model, engine=args.engine, precision=args.precision, threads=args.threads, checkpoint=args.checkpoint
+    )
+    axes = sorted(set(args.axis or [0]))
+    evaluation = evaluate_from_slice_folder(
+        engine, args.images, args.gt, axes, tolerance=args.tolerance, spacing_order=args.spacing_order
+    )
+    summary = summarise_from_slice(evaluation)
+    try:
+        written = [
+            write_from_slice_csv(evaluation, args.out / "from_slice.csv"),
+            write_summary_json(summary, args.out / "summary.json"),
+        ]
+    except OSError as exc:
+        raise UserFacingError(f"cannot write the results to {args.out}: {exc}") from None
+    _print_list("warning", summary["warnings"])
+    _print_list("error", summary["errors"])
+    print(format_from_slice_table(summary))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
+        return 1
+    if not evaluation.objects:
+        print("no 3D objects were scored", file=sys.stderr)
         return 1
     return 0
