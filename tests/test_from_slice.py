@@ -317,3 +317,18 @@ def test_evaluate_from_slice_scores_each_object_next_to_the_fixed_box(demo_dir: 
         assert 0.0 <= row["nsd"] <= 1.0
     assert (out / "from_slice.csv").read_text().count("\n") == 4
     assert summary["rules"]["from-slice axial"]["overall"]["objects"] == 1
+
+
+def test_a_spent_time_budget_ends_the_walk_where_it_is(segmenter: Segmenter, ct):
+    """`StopRule(deadline=...)` (how `qmedsam serve` answers within a client's timeout): past the deadline the walk
+    keeps what it has (the start slice here) and says why it stopped in each direction."""
+    import time
+
+    from qmedsam.inference.from_slice import TIME_BUDGET_REASON, StopRule
+
+    volume, gts = ct
+    box, index = _slice_prompt(gts == 6)
+    mask = segmenter.segment_from_slice(volume, box, axis=0, index=index, stop_rule=StopRule(deadline=time.monotonic()))
+    result = segmenter.last_from_slice
+    assert result is not None and result.stops == {"forward": TIME_BUDGET_REASON, "backward": TIME_BUDGET_REASON}
+    assert result.slices == (index, index) and mask[index].any() and not np.delete(mask, index, axis=0).any()

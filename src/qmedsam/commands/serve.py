@@ -32,6 +32,9 @@ Safe by default: binds 127.0.0.1; another address needs an API key (--api-key KE
 library: NN_INTERACTIVE_API_KEY). Images over --max-voxels or bodies over --max-upload-mb are refused (413);
 at most --max-sessions sessions at a time (503 beyond), each reaped after --idle-timeout seconds without an action
 or 90 s without any request (clients heartbeat every 30 s). Embeddings are cached per session (--cache-mb).
+One engine serves every session, one prediction at a time: on a small CPU a walk still going --prediction-budget
+seconds after its request arrived ends where it is (logged), so the answer beats Slicer's 60 s timeout even
+behind another session's walk; draw another box on the rest of the object if it was cut short.
 """
 
 
@@ -66,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--idle-timeout", type=float, default=600.0, help="seconds without an action before a session ends (600)"
     )
     parser.add_argument("--cache-mb", type=int, default=768, help="embedding cache per session in MiB (default 768)")
+    parser.add_argument(
+        "--prediction-budget",
+        type=float,
+        default=45.0,
+        help="seconds from a request's arrival after which a walk ends where it is, so the answer beats the "
+        "client's timeout (Slicer waits 60 s; default 45)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -93,6 +103,8 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         raise UserFacingError(f"--port must be 1..65535 (got {args.port})")
     if not args.idle_timeout > 0:
         raise UserFacingError(f"--idle-timeout must be positive (got {args.idle_timeout})")
+    if not args.prediction_budget > 0:
+        raise UserFacingError(f"--prediction-budget must be positive (got {args.prediction_budget})")
     return ServeSettings(
         api_key=api_key,
         max_sessions=args.max_sessions,
@@ -101,6 +113,7 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         idle_timeout=args.idle_timeout,
         cache_mb=args.cache_mb,
         model_name=str(args.model or "int8"),
+        prediction_budget=args.prediction_budget,
     )
 
 

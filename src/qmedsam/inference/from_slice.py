@@ -15,6 +15,7 @@ costs only decoder calls.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ T = TypeVar("T")
 
 MAX_PLANE_SIDE = 1024
 """A resampled slice's longest side at most (the model sees 256 anyway); caps memory for very thin slices."""
+
+TIME_BUDGET_REASON = "time budget spent (the object may go on)"
 
 DEFAULT_MARGIN = 3
 """Model-space pixels added to each side of the previous mask's box (the LiteMedSAM baseline's margin)."""
@@ -60,12 +63,15 @@ class StopRule:
     floor stays at the baseline's 5% as a safety net. `None` turns a sign off.
     - `min_area_fraction`: the mask's area falls under this fraction of the start slice's (the object tapers off);
     - `min_overlap`: the mask overlaps the previous slice's by less than this IoU (it jumped to something else);
-    - `min_confidence`: the decoder's mean probability inside the mask falls under this (it is guessing).
+    - `min_confidence`: the decoder's mean probability inside the mask falls under this (it is guessing);
+    - `deadline`: a `time.monotonic()` time after which the walk ends where it is (a server must answer within its
+      client's timeout; the object is then cut short, and the reason says so).
     """
 
     min_area_fraction: float | None = 0.05
     min_overlap: float | None = 0.5
     min_confidence: float | None = None
+    deadline: float | None = None
 
     def reason(self, step: WalkStep) -> str | None:
         """Why the walk stops at `step` (that slice's mask is not kept), or None to keep it and go on."""
@@ -77,6 +83,8 @@ class StopRule:
             return f"overlap with the previous slice {step.overlap:.3f} < {self.min_overlap}"
         if self.min_confidence is not None and step.confidence < self.min_confidence:
             return f"confidence {step.confidence:.3f} < {self.min_confidence}"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TIME_BUDGET_REASON
         return None
 
 

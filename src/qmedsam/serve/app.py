@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,9 @@ class ServeSettings:
     liveness_timeout: float = 90.0
     cache_mb: int = 768
     model_name: str = "int8"
+    prediction_budget: float = 45.0
+    """Seconds from a request's arrival (queueing for the model included) after which a walk ends where it is:
+    Slicer's client gives up on a prediction after 60 s."""
 
 
 class HTTPFailure(Exception):
@@ -288,7 +292,8 @@ def create_app(engine: Engine, settings: ServeSettings):
         authorize(request)
         body = await json_body(request)
         include, run = flag(body, "include_interaction", True), flag(body, "run_prediction", True)
-        update = await in_session(request, lambda s: s.add_box(body.get("bbox_coords"), include, run))
+        deadline = time.monotonic() + settings.prediction_budget
+        update = await in_session(request, lambda s: s.add_box(body.get("bbox_coords"), include, run, deadline))
         return prediction_response(update)
 
     @app.post("/add_lasso_interaction")
@@ -297,11 +302,12 @@ def create_app(engine: Engine, settings: ServeSettings):
         lease_of(request, action=True)
         meta = meta_header(request)
         include, run = flag(meta, "include_interaction", True), flag(meta, "run_prediction", True)
+        deadline = time.monotonic() + settings.prediction_budget
         body = await read_body(request, settings.max_body_bytes)
 
         def work(session: InteractiveSession):
             mask = unpack_checked(body, "add_lasso_interaction", 3, settings.max_voxels)
-            return session.add_lasso(mask, include, run)
+            return session.add_lasso(mask, include, run, deadline)
 
         return prediction_response(await in_session(request, work))
 

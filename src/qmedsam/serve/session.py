@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.from_slice import TIME_BUDGET_REASON, StopRule
 from qmedsam.scans.intensity import to_uint8
 from qmedsam.segmenter import Segmenter
 
@@ -94,6 +95,7 @@ class InteractiveSession:
         self.history: list[_Change] = []
         self.pending: list[_Pending] = []
         self.timings = SessionTimings()
+        self.budget_cuts = 0
 
     # -- image and buffer ----------------------------------------------------------------------------------
 
@@ -149,13 +151,14 @@ class InteractiveSession:
 
     # -- interactions ----------------------------------------------------------------------------------------
 
-    def add_box(self, coords, include: bool, run: bool) -> Update:
-        """`coords` [[k0, k1], [j0, j1], [i0, i1]], half-open voxel ranges (one of extent 1: a box on a slice)."""
+    def add_box(self, coords, include: bool, run: bool, deadline: float | None = None) -> Update:
+        """`coords` [[k0, k1], [j0, j1], [i0, i1]], half-open voxel ranges (one of extent 1: a box on a slice).
+        A walk still going at `deadline` (time.monotonic()) ends there, so the answer beats the client's timeout."""
         region = self._checked_region(coords, "add_bbox_interaction")
-        self.pending.append(_Pending(f"box {coords}", lambda: self._box_mask(region), bool(include)))
+        self.pending.append(_Pending(f"box {coords}", lambda: self._box_mask(region, deadline), bool(include)))
         return self.predict() if run else Update(ran=False)
 
-    def add_lasso(self, mask: np.ndarray, include: bool, run: bool) -> Update:
+    def add_lasso(self, mask: np.ndarray, include: bool, run: bool, deadline: float | None = None) -> Update:
         """A lasso (a filled region on one slice, the image's shape) as its bounding box on that slice."""
         volume = self._volume()
         if mask.shape != volume.shape:
@@ -164,7 +167,7 @@ class InteractiveSession:
         if any(len(p) == 0 for p in present):
             raise InteractionError("add_lasso_interaction: the lasso is empty")
         coords = [[int(p[0]), int(p[-1]) + 1] for p in present]
-        return self.add_box(coords, include, run)
+        return self.add_box(coords, include, run, deadline)
 
     def add_initial_seg(self, seg: np.ndarray) -> Update:
         volume = self._volume()
@@ -262,7 +265,7 @@ class InteractiveSession:
             )
         return region
 
-    def _box_mask(self, region: list[tuple[int, int]]) -> np.ndarray:
+    def _box_mask(self, region: list[tuple[int, int]], deadline: float | None) -> np.ndarray:
         volume = self._volume()
         flat = [axis for axis, (low, high) in enumerate(region) if high - low == 1]
         if flat:
@@ -270,7 +273,15 @@ class InteractiveSession:
             rows, cols = (region[a] for a in range(3) if a != axis)
             box = [cols[0], rows[0], cols[1] - 1, rows[1] - 1]  # x = the slice's columns, y its rows; inclusive
             index = region[axis][0]
-            return self.segmenter.segment_from_slice(volume, box, axis=axis, index=index, spacing=self.spacing)
+            rule = StopRule(deadline=deadline)
+            mask = self.segmenter.segment_from_slice(
+                volume, box, axis=axis, index=index, spacing=self.spacing, stop_rule=rule
+            )
+            walk = self.segmenter.last_from_slice
+            if walk is not None and TIME_BUDGET_REASON in walk.stops.values():
+                self.budget_cuts += 1
+                log.warning("%s: the walk ran out of its time budget at slices %s", self.name, walk.slices)
+            return mask
         (k0, k1), (j0, j1), (i0, i1) = region
         return self.segmenter.predict([i0, j0, k0, i1 - 1, j1 - 1, k1 - 1])
 
