@@ -122,6 +122,23 @@ def test_two_sessions_on_different_images_do_not_mix(server, ct, mr):
         ct_result = box_on_slice(ct_session, ct_buffer, ct[1] == KIDNEY, 0)
         assert mr_result["dice"] >= 0.6 and ct_result["dice"] >= 0.6, (mr_result, ct_result)
         assert dice(mr_buffer > 0, mr[1] == MR_ORGAN) == mr_result["dice"]  # the CT's box did not touch it
+        boxed = mr_buffer.copy()
+        # A lasso on the same slice is taken as its bounding box: the same object (the slices are cached now).
+        truth = mr[1] == MR_ORGAN
+        (k0, k1), _, _ = mr_result["bbox"]
+        lasso = np.zeros(truth.shape, np.uint8)
+        lasso[k0] = truth[k0]
+        mr_session.reset_interactions()
+        mr_session.add_lasso_interaction(lasso, include_interaction=True)
+        np.testing.assert_array_equal(mr_buffer, boxed)
+        # An existing segment seeds the object (Slicer, editing a segment); an exclude box erases what it finds.
+        mr_session.reset_interactions()
+        mr_session.add_initial_seg_interaction(truth.astype(np.uint8))
+        np.testing.assert_array_equal(mr_buffer, truth)
+        mr_session.add_bbox_interaction(mr_result["bbox"], include_interaction=False)
+        assert (mr_buffer > 0).sum() < truth.sum() // 2 and not (mr_buffer.astype(bool) & ~truth).any()
+        mr_session.undo()
+        np.testing.assert_array_equal(mr_buffer, truth)
         with pytest.raises(ServerAtCapacityError):
             open_session(server, KEY, mr[0], mr[2])
     finally:
