@@ -118,7 +118,7 @@ cpp-install: cpp
 #   make docker-wheels docker DOCKER_ARGS='--build-arg PIP_ARGS="--no-index --find-links /wheels"'
 DOCKER_ARGS ?=
 docker-wheels:
-	$(BIN)/python -m pip download --quiet --dest docker/wheelhouse . "setuptools>=68" wheel
+	$(BIN)/python -m pip download --quiet --dest docker/wheelhouse ".[serve]" "setuptools>=68" wheel
 
 docker:
 	docker build -f docker/Dockerfile -t qmedsam:latest $(DOCKER_ARGS) .

@@ -332,3 +332,14 @@ def test_a_spent_time_budget_ends_the_walk_where_it_is(segmenter: Segmenter, ct)
     result = segmenter.last_from_slice
     assert result is not None and result.stops == {"forward": TIME_BUDGET_REASON, "backward": TIME_BUDGET_REASON}
     assert result.slices == (index, index) and mask[index].any() and not np.delete(mask, index, axis=0).any()
+
+
+def test_a_box_that_finds_nothing_on_its_own_slice_gives_an_empty_mask_and_a_warning(segmenter: Segmenter):
+    """A 2 x 2 px box in the middle of a blank volume: the model finds nothing there (on real images it always finds
+    something inside a box), so the walk never starts; an empty mask with a warning, not an error."""
+    volume = np.zeros((5, 64, 64), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"found nothing on slice 2; empty mask"):
+        mask = segmenter.segment_from_slice(volume, [30, 30, 31, 31], axis=0, index=2)
+    assert mask.shape == volume.shape and not mask.any()
+    result = segmenter.last_from_slice
+    assert result is not None and result.stops == {"start": "the box found nothing on its own slice"}

@@ -185,6 +185,12 @@ def test_refusals_name_what_is_wrong(server, ct):
             with pytest.raises(httpx.HTTPStatusError) as info:
                 session.add_bbox_interaction(coords, include_interaction=True)
             assert info.value.response.status_code == 400 and expected in info.value.response.json()["detail"]
+        # A box with depth on every axis (bbox3d): the fixed rule, its in-plane box on each slice of its depth only.
+        buffer = np.zeros(image.shape, np.uint8)
+        session.set_target_buffer(buffer)
+        session.add_bbox_interaction([[8, 11], [50, 74], [29, 53]], include_interaction=True)
+        assert buffer[8:11].any() and not np.delete(buffer, [8, 9, 10], axis=0).any()
+        assert not buffer[:, :50].any() and not buffer[:, 74:].any() and not buffer[:, :, 53:].any()
         with pytest.raises(httpx.HTTPStatusError) as info:  # not advertised, refused by name
             session.add_point_interaction([10, 50, 50], include_interaction=True)
         assert "point interactions are not supported" in info.value.response.json()["detail"]
