@@ -287,27 +287,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_clicks(args: argparse.Namespace) -> int:
-    """`--clicks K`: the model segments --images, K simulated clicks per object, metrics after each click."""
-    if args.clicks < 1:
-        raise UserFacingError(f"--clicks must be at least 1 (got {args.clicks})")
-    if args.batch < 1:
-        raise UserFacingError("--batch must be at least 1")
+def _engine_for_protocol(args: argparse.Namespace, protocol: str):
+    """The checks every model-running protocol makes before the model loads, then its engine."""
     refused = [
         option
         for option, value in (("--pred", args.pred), ("--timing", args.timing), ("--report", args.report))
         if value is not None
     ]
     if refused:
-        raise UserFacingError(f"{', '.join(refused)} cannot be used with --clicks (the model makes the predictions)")
+        raise UserFacingError(f"{', '.join(refused)} cannot be used with {protocol} (the model makes the predictions)")
     if args.images is None or args.out is None:
-        raise UserFacingError("--clicks needs --images (the case files) and --out (the folder for the results)")
+        raise UserFacingError(f"{protocol} needs --images (the case files) and --out (the folder for the results)")
     for option, folder in (("--images", args.images), ("--gt", args.gt)):
-        if not folder.is_dir():  # before the model loads
+        if not folder.is_dir():
             raise UserFacingError(f"{option} {folder} is not a folder")
-    engine = load_engine(
+    return load_engine(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads, checkpoint=args.checkpoint
     )
+
+
+def run_clicks(args: argparse.Namespace) -> int:
+    """`--clicks K`: the model segments --images, K simulated clicks per object, metrics after each click."""
+    if args.clicks < 1:
+        raise UserFacingError(f"--clicks must be at least 1 (got {args.clicks})")
+    if args.batch < 1:
+        raise UserFacingError("--batch must be at least 1")
+    engine = _engine_for_protocol(args, "--clicks")
     if getattr(engine, "takes_clicks", True) is False:
         where = getattr(engine, "model_dir", args.model)
         raise UserFacingError(
@@ -351,21 +356,7 @@ def run_clicks(args: argparse.Namespace) -> int:
 
 def run_from_slice(args: argparse.Namespace) -> int:
     """`--from-slice`: each object of the 3D cases from one slice's box, next to the fixed 3D box."""
-    refused = [
-        option
-        for option, value in (("--pred", args.pred), ("--timing", args.timing), ("--report", args.report))
-        if value is not None
-    ]
-    if refused:
-        raise UserFacingError(f"{', '.join(refused)} cannot be used with --from-slice (the model makes the masks)")
-    if args.images is None or args.out is None:
-        raise UserFacingError("--from-slice needs --images (the case files) and --out (the folder for the results)")
-    for option, folder in (("--images", args.images), ("--gt", args.gt)):
-        if not folder.is_dir():  # before the model loads
-            raise UserFacingError(f"{option} {folder} is not a folder")
-    engine = load_engine(
-        args.model, engine=args.engine, precision=args.precision, threads=args.threads, checkpoint=args.checkpoint
-    )
+    engine = _engine_for_protocol(args, "--from-slice")
     axes = sorted(set(args.axis or [0]))
     evaluation = evaluate_from_slice_folder(
         engine, args.images, args.gt, axes, tolerance=args.tolerance, spacing_order=args.spacing_order

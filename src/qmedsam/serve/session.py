@@ -26,12 +26,12 @@ from qmedsam.errors import UserFacingError
 from qmedsam.inference.from_slice import TIME_BUDGET_REASON, StopRule
 from qmedsam.scans.intensity import to_uint8
 from qmedsam.segmenter import Segmenter
+from qmedsam.serve.wire import ALLOWED_DTYPES
 
 log = logging.getLogger(__name__)
 
-BUFFER_DTYPES = frozenset(
-    ["bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64"]
-)
+BUFFER_DTYPES = ALLOWED_DTYPES
+"""A target buffer may be any numeric type the wire carries (Slicer's is uint8)."""
 
 
 class InteractionError(UserFacingError):
