@@ -277,9 +277,14 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserFacingError(f"cannot write the results to {out_dir}: {exc}") from None
 
+    return _report(summary, written, format_table(summary))
+
+
+def _report(summary: dict, written: list, table: str) -> int:
+    """Warnings and errors (stderr), the table (stdout), what was written; exit 1 when a case had a problem."""
     _print_list("warning", summary["warnings"])
     _print_list("error", summary["errors"])
-    print(format_table(summary))
+    print(table)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     if summary["errors"]:
         print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
@@ -344,14 +349,7 @@ def run_clicks(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserFacingError(f"cannot write the results to {out_dir}: {exc}") from None
 
-    _print_list("warning", summary["warnings"])
-    _print_list("error", summary["errors"])
-    print(format_click_table(summary["clicks"], summary["settings"]))
-    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    if summary["errors"]:
-        print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
-        return 1
-    return 0
+    return _report(summary, written, format_click_table(summary["clicks"], summary["settings"]))
 
 
 def run_from_slice(args: argparse.Namespace) -> int:
@@ -362,6 +360,8 @@ def run_from_slice(args: argparse.Namespace) -> int:
         engine, args.images, args.gt, axes, tolerance=args.tolerance, spacing_order=args.spacing_order
     )
     summary = summarise_from_slice(evaluation)
+    if not evaluation.objects:
+        summary["errors"].append("no 3D objects were scored")
     try:
         written = [
             write_from_slice_csv(evaluation, args.out / "from_slice.csv"),
@@ -369,14 +369,4 @@ def run_from_slice(args: argparse.Namespace) -> int:
         ]
     except OSError as exc:
         raise UserFacingError(f"cannot write the results to {args.out}: {exc}") from None
-    _print_list("warning", summary["warnings"])
-    _print_list("error", summary["errors"])
-    print(format_from_slice_table(summary))
-    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    if summary["errors"]:
-        print(f"{len(summary['errors'])} problem(s): see the errors above and summary.json", file=sys.stderr)
-        return 1
-    if not evaluation.objects:
-        print("no 3D objects were scored", file=sys.stderr)
-        return 1
-    return 0
+    return _report(summary, written, format_from_slice_table(summary))

@@ -68,15 +68,6 @@ class _Pending:
     include: bool
 
 
-@dataclass
-class SessionTimings:
-    """Seconds of the last image upload's preprocessing and of the last prediction (for logs and the note)."""
-
-    set_image: float = 0.0
-    prediction: float = 0.0
-    slices_encoded: int = 0
-
-
 class InteractiveSession:
     """The state behind one lease. Not thread-safe: the lease's lock serializes its requests, and `model_lock`
     (shared by all sessions) serializes model calls on the one engine."""
@@ -94,8 +85,6 @@ class InteractiveSession:
         self.do_autozoom = True
         self.history: list[_Change] = []
         self.pending: list[_Pending] = []
-        self.timings = SessionTimings()
-        self.budget_cuts = 0
 
     # -- image and buffer ----------------------------------------------------------------------------------
 
@@ -119,14 +108,14 @@ class InteractiveSession:
         self.history.clear()
         self.pending.clear()
         self.segmenter.set_image(self.volume)
-        self.timings.set_image = time.perf_counter() - started
         log.info(
-            "%s: image %s spacing %s, intensities %s (%s)",
+            "%s: image %s spacing %s, intensities %s (%s), %.1f s",
             self.name,
             list(self.volume.shape),
             spacing,
             record["method"],
             record["why"],
+            time.perf_counter() - started,
         )
         return {"original_image_shape": list(self.original_shape), "window": record}
 
@@ -204,8 +193,12 @@ class InteractiveSession:
                 changed = region if changed is None else _union(changed, region)
             kind = "include" if item.include else "exclude"
             log.info("%s: %s %s, %d voxels changed", self.name, item.describe, kind, voxels)
-        self.timings.prediction = time.perf_counter() - started
-        self.timings.slices_encoded = self.segmenter.encoded_slices - encoded_before
+        log.info(
+            "%s: predicted in %.1f s, %d slices encoded",
+            self.name,
+            time.perf_counter() - started,
+            self.segmenter.encoded_slices - encoded_before,
+        )
         return self._update(changed)
 
     def undo(self) -> Update:
@@ -279,7 +272,6 @@ class InteractiveSession:
             )
             walk = self.segmenter.last_from_slice
             if walk is not None and TIME_BUDGET_REASON in walk.stops.values():
-                self.budget_cuts += 1
                 log.warning("%s: the walk ran out of its time budget at slices %s", self.name, walk.slices)
             return mask
         (k0, k1), (j0, j1), (i0, i1) = region
