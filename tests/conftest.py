@@ -76,6 +76,64 @@ def small_cases_dir(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
+TS_REF = "totalsegmentator-2.18.0/tests/reference_files/"
+"""TotalSegmentator's example scans and reference segmentations, in the pinned sdist the demo uses."""
+CT_ORGANS = (1, 2, 3)  # spleen, kidney_right, kidney_left in TotalSegmentator's `total` class map
+
+
+def _nifti(raw: bytes):
+    import gzip
+
+    import nibabel as nib
+
+    return nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+
+
+def _cut_scan(folder: Path, name: str, image_member: str, seg_member: str, organs: tuple[int, ...] | None):
+    """A TotalSegmentator example scan + its reference segmentation cut to 4 axial slices where most of the
+    kept organs are, written as real NIfTI files (nibabel's slicer updates the affine); organs renumbered 1..n
+    (None: the 3 largest labels)."""
+    import nibabel as nib
+    import numpy as np
+
+    from qmedsam.datasets.recipes.sources import fetch_sources, read_members
+    from qmedsam.scans.orientation import VoxelMapping
+
+    archive = fetch_sources(keys=["totalsegmentator"])["totalsegmentator"]
+    raw = read_members(archive, [TS_REF + image_member, TS_REF + seg_member])
+    image = _nifti(raw[TS_REF + image_member])
+    seg = _nifti(raw[TS_REF + seg_member])
+    labels = np.asarray(seg.dataobj).astype(np.int16)
+    if organs is None:
+        organs = tuple(int(v) + 1 for v in np.argsort(np.bincount(labels.ravel())[1:])[::-1][:3])
+    mapping = VoxelMapping.from_affine(image.affine, image.shape)
+    axial_axis = mapping.source_axis[0]
+    kept = np.zeros_like(labels)
+    for new, organ in enumerate(organs, start=1):
+        kept[labels == organ] = new
+    along = np.moveaxis(kept, axial_axis, 0).reshape(kept.shape[axial_axis], -1)
+    rich = int(np.argmax([(np.unique(s) > 0).sum() * 1e6 + (s > 0).sum() for s in along]))
+    cut = [slice(None)] * 3
+    cut[axial_axis] = slice(max(0, rich - 2), max(0, rich - 2) + 4)
+    image_cut = image.slicer[tuple(cut)]
+    label_cut = nib.Nifti1Image(kept[tuple(cut)], image_cut.affine, seg.header)
+    nib.save(image_cut, folder / f"{name}.nii.gz")
+    nib.save(label_cut, folder / f"{name}_labels.nii.gz")
+    return folder / f"{name}.nii.gz", folder / f"{name}_labels.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """example_ct_sm + its `total` segmentation: spleen and both kidneys on 4 slices."""
+    return _cut_scan(tmp_path_factory.mktemp("scan"), "ct", "example_ct_sm.nii.gz", "example_seg.nii.gz", CT_ORGANS)
+
+
+@pytest.fixture(scope="session")
+def mr_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """example_mr_sm + its `total_mr` segmentation: the 3 largest structures on 4 slices."""
+    return _cut_scan(tmp_path_factory.mktemp("scan"), "mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", None)
+
+
 @pytest.fixture(scope="session")
 def pretrained_model():
     from qmedsam.model.litemedsam import load_pretrained_litemedsam

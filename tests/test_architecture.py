@@ -28,6 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     # one way to load an engine (builds -m fp32 through export), and the benchmarks on top of it
     ("qmedsam.engines", "qmedsam.benchmark"),
+    # cohorts: many inputs through the one-input jobs, here or on Ray
+    ("qmedsam.cohort",),
     ("qmedsam.segmenter",),
     # faces
     ("qmedsam.napari", "qmedsam.serve", "qmedsam.commands", "qmedsam.cli", "qmedsam.__main__", "qmedsam"),

@@ -5,9 +5,11 @@ The bottom of the package: imports nothing of qmedsam, so anything may stand on 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -46,9 +48,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return path
 
 
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+"""The date every npz member carries: numpy's `savez` stamps the current time, so the same arrays written twice
+gave different bytes; with a fixed date an output is a function of its content (a rerun or a second machine
+writes the same file, and a checksum says whether anything changed)."""
+
+
+def _write_npz(handle: BinaryIO, arrays: dict[str, np.ndarray], compressed: bool) -> None:
+    """What `np.savez[_compressed]` writes, member by member in order, with a fixed member date."""
+    compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with zipfile.ZipFile(handle, mode="w", compression=compression, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_EPOCH)
+            member.compress_type = compression
+            member.external_attr = 0o600 << 16  # what ZipFile.open(name, "w") gives a member
+            with archive.open(member, "w", force_zip64=True) as stream:
+                np.lib.format.write_array(stream, np.asanyarray(value), allow_pickle=False)
+
+
 def atomic_savez(path: str | os.PathLike, compressed: bool = True, **arrays: np.ndarray) -> Path:
-    """Write an npz atomically (see `atomic_write`)."""
-    return atomic_write(path, lambda handle: (np.savez_compressed if compressed else np.savez)(handle, **arrays))
+    """Write an npz atomically (see `atomic_write`), reproducibly (`ZIP_EPOCH`); never pickles (object arrays
+    are refused)."""
+    return atomic_write(path, lambda handle: _write_npz(handle, arrays, compressed))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log shared by several writers (job-array shards on shared storage): one `write` of
+    the whole line under an exclusive lock on the file, then fsync, so lines never interleave and a finished line
+    survives a crash. A kill mid-write can leave at most a torn last line, which readers skip."""
+    if "\n" in line:
+        raise ValueError("a log line must not contain a newline")
+    payload = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:

@@ -10,15 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from qmedsam.commands.predict_scan import run_scan
-from qmedsam.data.cases import CaseError, modality_of, read_case, write_segmentation
+from qmedsam.cohort.job import EngineSpec, PredictOptions
+from qmedsam.cohort.manifest import parse_shard, read_manifest
+from qmedsam.cohort.ray_pool import ray_executor
+from qmedsam.cohort.run import local_executor, run_cohort
+from qmedsam.commands.predict_scan import require_nibabel, run_scan
+from qmedsam.data.cases import CaseError, modality_of
 from qmedsam.engines import load_engine
 from qmedsam.errors import UserFacingError
 from qmedsam.files import atomic_write_bytes
-from qmedsam.inference.overlays import write_overlay
+from qmedsam.inference.jobs import predict_case_file
 from qmedsam.inference.runtime import Engine
-from qmedsam.inference.segment import segment_case
 from qmedsam.scans.dicom import is_dicom_folder
+from qmedsam.scans.intensity import parse_window
 from qmedsam.scans.nifti import is_nifti
 
 log = logging.getLogger("qmedsam.predict")
@@ -36,12 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "gives a label NIfTI on exactly the scan's grid plus a sidecar JSON (and, for DICOM, a DICOM SEG)."
         ),
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "-i",
         "--input",
-        required=True,
         type=Path,
         help="folder of case .npz files, one case file, a NIfTI scan or a DICOM series folder",
+    )
+    source.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="a cohort: a CSV with one row per scan (columns image, and boxes or labels for a NIfTI/DICOM scan; "
+        "optional id, window; paths relative to the CSV's folder). Every row is checked before any work; "
+        "OUT/ledger.jsonl records each finished case, so a rerun does only what is left; OUT/summary.json",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for segmentations and timing.csv")
     parser.add_argument(
@@ -94,6 +106,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="intensity to uint8: ct-abdomen (W400 L40, the CT default) | ct-lung | ct-brain | ct-bone | WIDTH,LEVEL "
         "(HU) | percentile (0.5-99.5, the default for non-CT) | auto (default: CT window if values reach air)",
     )
+    cohort = parser.add_argument_group("cohorts (--manifest)")
+    cohort.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="take shard I of N (1-based; by a hash of each case id, stable when the manifest is reordered): one "
+        "job-array task each, no coordinator; they may share the output folder",
+    )
+    cohort.add_argument(
+        "--retry-failed", action="store_true", help="redo cases the ledger records as failed (default: skip them)"
+    )
+    cohort.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'qmedsam[cluster]'): alone, a local Ray instance on this machine; 'auto' or "
+        "HOST:PORT joins a running cluster. Each actor loads the model once with --threads threads (default 1); "
+        "the output folder must be the same path on every node",
+    )
+    cohort.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        help="actors in the pool (default: the cluster's CPUs / --threads)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -128,6 +167,17 @@ def write_timing(path: Path, rows: list[dict[str, object]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.manifest is not None:
+        return run_manifest(args)
+    cohort_flags = [
+        flag
+        for flag, value in (("--shard", args.shard), ("--ray", args.ray), ("--ray-actors", args.ray_actors))
+        if value is not None
+    ]
+    if args.retry_failed:
+        cohort_flags.append("--retry-failed")
+    if cohort_flags:
+        raise UserFacingError(f"{', '.join(cohort_flags)} apply to a cohort (--manifest FILE.csv)")
     if is_nifti(args.input) or is_dicom_folder(args.input):
         return run_scan(args, build_engine)
     if args.boxes is not None or args.boxes_from is not None:
@@ -154,15 +204,16 @@ def run_cases(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         row: dict[str, object] = {"case": path.name, "modality": modality_of(path.name)}
         try:
-            case = read_case(path)
-            row.update(dimension=f"{case.dimension}D", objects=len(case.boxes))
-            for warning in case.warnings:
+            result = predict_case_file(engine, path, args.output, args.prompt_mode, args.batch, args.overlays)
+            for warning in result.warnings:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
-            segs = segment_case(engine, case, prompt_mode=args.prompt_mode, batch=args.batch)
-            write_segmentation(args.output, path.name, segs)
-            row.update(seconds=round(time.perf_counter() - t0, 4), status="ok", message="; ".join(case.warnings))
-            if args.overlays is not None:
-                write_overlay(case, segs, args.overlays)
+            row.update(
+                dimension=result.dimension,
+                objects=result.objects,
+                seconds=round(time.perf_counter() - t0, 4),
+                status="ok",
+                message="; ".join(result.warnings),
+            )
         except CaseError as exc:
             failures += 1
             row.update(seconds=round(time.perf_counter() - t0, 4), status="error", message=str(exc))
@@ -187,3 +238,36 @@ def run_cases(args: argparse.Namespace) -> int:
         print(f"{failures} case(s) failed; see the errors above and timing.csv", file=sys.stderr)
         return 1
     return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    """`predict --manifest`: a cohort, resumable through OUT/ledger.jsonl, sharded, here or on Ray."""
+    if args.boxes is not None or args.boxes_from is not None:
+        raise UserFacingError("--boxes / --boxes-from: a manifest gives each scan's prompts in its boxes/labels column")
+    if args.batch < 1:
+        raise UserFacingError("--batch must be at least 1")
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        raise UserFacingError("--ray-actors N (N >= 1) goes with --ray")
+    if args.threads is not None and args.threads < 1:
+        raise UserFacingError("--threads must be at least 1")
+    shard = parse_shard(args.shard) if args.shard else None
+    parse_window(args.window)
+    cases = read_manifest(args.manifest)
+    if any(case.kind != "npz" for case in cases):
+        require_nibabel()
+    options = PredictOptions(args.prompt_mode, args.batch, args.window, args.overlays)
+    spec = EngineSpec(args.model, args.engine, args.precision, args.threads, args.checkpoint)
+    if args.ray is not None:
+        executor = ray_executor(args.ray, args.ray_actors, spec, options, args.output)
+    else:
+        executor = local_executor(spec, options, args.output)
+    return run_cohort(
+        cases,
+        args.output,
+        manifest=args.manifest,
+        options=options,
+        spec=spec,
+        executor=executor,
+        shard=shard,
+        retry_failed=args.retry_failed,
+    )
