@@ -219,14 +219,15 @@ def test_shards_fill_one_folder_and_failures_wait_for_retry(cohort: Path, refere
     assert_same_outputs(retried, reference)
 
 
-def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "scheduler-time-limit"])
+def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path, stop):
     out = tmp_path / "out"
     command = [*QMEDSAM, "predict", "--manifest", str(cohort / "cohort.csv"), "-o", str(out), *FLAGS]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while "started" not in _ledger_states(out).values() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     assert process.wait(timeout=120) == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and summary["not_run"] >= 1
@@ -235,6 +236,19 @@ def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path)
     for entry in states.values():
         if entry["status"] == "ok":
             assert all((out / name).is_file() for name in entry["outputs"])
+
+
+def test_ray_alone_starts_ray_on_this_machine(cohort: Path, reference: Path, tmp_path):
+    """`--ray` with no address: a Ray instance of its own for the run, gone after it (one actor, one case)."""
+    pytest.importorskip("ray")
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"image\n{cohort}/cases/2D_CT_TotalSeg_0001.npz\n")
+    out = tmp_path / "out"
+    command = [*QMEDSAM, "predict", "--manifest", str(manifest), "-o", str(out), *FLAGS, "--ray", "--ray-actors", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "2D_CT_TotalSeg_0001.npz").read_bytes() == (reference / "2D_CT_TotalSeg_0001.npz").read_bytes()
+    assert Ledger(out).latest()["2D_CT_TotalSeg_0001"]["attempts"] == 1
 
 
 def _free_port() -> int:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 
 from qmedsam.cohort.job import EngineSpec, PredictOptions, input_sha256, run_case
@@ -44,7 +47,7 @@ def plan_cohort(
     cases: list[CohortCase], out_dir: Path, options: PredictOptions, model: str, retry_failed: bool
 ) -> Plan:
     """Sort the shard's cases by what the ledger says of them; refuse to replace files the ledger does not
-    account for."""
+    account for; remove the temporaries a killed run left of a case it had started."""
     latest = Ledger(out_dir).latest()
     plan = Plan()
     foreign: list[str] = []
@@ -57,6 +60,9 @@ def plan_cohort(
             else:
                 plan.run.append(case)
             continue
+        for name in case.output_names():  # what a killed writer of ours left (`files.atomic_write`'s temporaries)
+            for stale in out_dir.glob(f".{glob_escape(name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
         same = entry.get("model") == model and entry.get("input_sha256") == input_sha256(case, options)
         if same and entry["status"] == "ok" and all((out_dir / name).is_file() for name in entry.get("outputs", [])):
             plan.done_before.append(case)
@@ -84,6 +90,10 @@ def local_executor(spec: EngineSpec, options: PredictOptions, out_dir: Path) -> 
             yield "done", case, run_case(engine, case, options, out_dir)
 
     return run
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_cohort(
@@ -117,6 +127,8 @@ def run_cohort(
     failed: list[dict] = []
     interrupted = False
     progress = tqdm(total=len(plan.run), desc="cohort", unit="case", file=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # a time limit stops like Ctrl-C
     try:
         for kind, case, entry in executor(plan.run):
             if kind == "started":
@@ -136,6 +148,8 @@ def run_cohort(
         interrupted = True
         tqdm.write("interrupted: finished cases are in the ledger; rerun the same command to go on", file=sys.stderr)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
         progress.close()
     wall = time.perf_counter() - started
     summary = _summary(cases, mine, plan, done, failed, wall, interrupted, manifest, out_dir, model, shard)

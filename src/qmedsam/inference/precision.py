@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -186,4 +187,9 @@ def compile_config(hint: str, cache: Path, num_threads: int | None) -> dict[str,
     }
     if num_threads:
         settings["INFERENCE_NUM_THREADS"] = int(num_threads)
+        if int(num_threads) < len(os.sched_getaffinity(0)):
+            # OpenVINO pins a process that uses fewer threads than it may run on to the first cores it may use, so
+            # two such processes on one machine (Ray actors, job-array tasks, `-j` of a workflow tool) shared one
+            # core and each ran at half speed; unpinned, the OS spreads them.
+            settings["ENABLE_CPU_PINNING"] = False
     return settings
