@@ -30,6 +30,7 @@ from qmedsam.cli import main
 from qmedsam.cohort.ledger import Ledger
 from qmedsam.cohort.manifest import in_shard, read_manifest
 from qmedsam.errors import UserFacingError
+from qmedsam.files import default_cache_root
 
 FLAGS = ["-m", "int8", "--precision", "f32", "--threads", "1"]
 QMEDSAM = [sys.executable, "-m", "qmedsam"]
@@ -238,6 +239,15 @@ def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path,
             assert all((out / name).is_file() for name in entry["outputs"])
 
 
+def _ray_home(home: Path, token: str | None = None) -> dict[str, str]:
+    """An environment whose home is `home` (Ray keeps its token in ~/.ray/auth_token; the user's stays untouched),
+    the model cache unchanged, Ray's usage reporting off."""
+    if token is not None:
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(token)
+    return {**os.environ, "HOME": str(home), "QMEDSAM_CACHE": str(default_cache_root()), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def test_ray_alone_starts_ray_on_this_machine(cohort: Path, reference: Path, tmp_path):
     """`--ray` with no address: a Ray instance of its own for the run, gone after it (one actor, one case)."""
     pytest.importorskip("ray")
@@ -245,7 +255,7 @@ def test_ray_alone_starts_ray_on_this_machine(cohort: Path, reference: Path, tmp
     manifest.write_text(f"image\n{cohort}/cases/2D_CT_TotalSeg_0001.npz\n")
     out = tmp_path / "out"
     command = [*QMEDSAM, "predict", "--manifest", str(manifest), "-o", str(out), *FLAGS, "--ray", "--ray-actors", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_ray_home(tmp_path / "home"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "2D_CT_TotalSeg_0001.npz").read_bytes() == (reference / "2D_CT_TotalSeg_0001.npz").read_bytes()
     assert Ledger(out).latest()["2D_CT_TotalSeg_0001"]["attempts"] == 1
@@ -258,24 +268,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(cohort: Path):
+def ray_home(tmp_path_factory) -> dict[str, str]:
+    """The head node's user, as Ray >= 2.59 leaves them after any local `ray.init()`: a token in ~/.ray/auth_token,
+    which `ray start` then enforces (a driver joining by address must send it)."""
+    return _ray_home(tmp_path_factory.mktemp("ray") / "home", token=os.urandom(32).hex())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cohort: Path, ray_home: dict[str, str]):
     """A one-node Ray cluster on 127.0.0.1 (2 CPUs), its workers told to die on the case id "crash"."""
     pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="qr", dir="/tmp")  # short: Ray's unix sockets live under it
     port = _free_port()
-    env = {**os.environ, "QMEDSAM_COHORT_CRASH_IDS": "crash", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**ray_home, "QMEDSAM_COHORT_CRASH_IDS": "crash"}
     start = [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2"]
     start += ["--include-dashboard", "false", "--temp-dir", temp, "--object-store-memory", str(100 * 2**20)]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=ray_home)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_cluster_gives_plain_predicts_bytes_and_survives_a_dying_actor(cohort, reference, ray_cluster, tmp_path):
+def test_ray_cluster_gives_plain_predicts_bytes_and_survives_a_dying_actor(
+    cohort, reference, ray_cluster, ray_home, tmp_path
+):
     shutil.copy(cohort / "cases" / "2D_CT_TotalSeg_0001.npz", tmp_path / "2D_CT_crash.npz")
     manifest = tmp_path / "cohort.csv"
     rows = (
@@ -288,7 +307,7 @@ def test_ray_cluster_gives_plain_predicts_bytes_and_survives_a_dying_actor(cohor
     out = tmp_path / "out"
     command = [*QMEDSAM, "predict", "--manifest", str(manifest), "-o", str(out), *FLAGS]
     result = subprocess.run(
-        [*command, "--ray", ray_cluster, "--ray-actors", "2"], capture_output=True, text=True, timeout=600
+        [*command, "--ray", ray_cluster, "--ray-actors", "2"], capture_output=True, text=True, timeout=600, env=ray_home
     )
     assert result.returncode == 1, result.stderr  # the crashing case failed, recorded
     latest = Ledger(out).latest()

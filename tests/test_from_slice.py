@@ -101,9 +101,16 @@ def test_an_axis_permuted_copy_gives_the_same_object(segmenter: Segmenter, ct):
     np.testing.assert_array_equal(np.moveaxis(again, 0, 1), coronal)
     swapped = np.ascontiguousarray(np.swapaxes(permuted, 1, 2))
     transposed = segmenter.segment_from_slice(swapped, box[[1, 0, 3, 2]], axis=0, index=index)
-    # The model is not transpose-invariant and the walk compounds slice differences: measured 0.81 on this object
-    # (int8, AMD EPYC); a box mapped onto the wrong axes would find another object (Dice near 0).
-    assert mask_dice(np.moveaxis(np.swapaxes(transposed, 1, 2), 0, 1), coronal) >= 0.7
+    back = np.moveaxis(np.swapaxes(transposed, 1, 2), 0, 1)
+    # On the prompted slice the transposed box must land on the same pixels: the mask inside the original box and
+    # on the object (Dice with the truth 0.71 there, the untransposed run 0.77; a box on the wrong axes: elsewhere).
+    rows, cols = np.nonzero(back[:, index])
+    x0, y0, x1, y1 = box
+    assert rows.size and x0 - 1 <= cols.min() and cols.max() <= x1 + 1 and y0 - 1 <= rows.min() and rows.max() <= y1 + 1
+    assert mask_dice(back[:, index], truth[:, index]) >= 0.5
+    # The walk compounds what the model sees differently in a transposed slice of this 12-pixel object, slice after
+    # slice: 0.81 and 0.65 with the same model on AMD EPYCs without and with AVX-512 VNNI; another object: near 0.
+    assert mask_dice(back, coronal) >= 0.5
     assert mask_dice(coronal, truth) >= 0.5
 
 

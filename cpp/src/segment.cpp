@@ -1,6 +1,7 @@
 #include "segment.hpp"
 
 #include <opencv2/imgproc.hpp>
+#include <sched.h>
 
 #include <algorithm>
 #include <cmath>
@@ -233,7 +234,15 @@ Engine::Engine(const std::string& model_dir, const std::string& precision, int t
   ov::AnyMap config{{ov::hint::inference_precision.name(), precision},
                     {ov::hint::performance_mode.name(), ov::hint::PerformanceMode::LATENCY},
                     {ov::cache_dir.name(), cache_dir}};
-  if (threads > 0) config[ov::inference_num_threads.name()] = threads;
+  if (threads > 0) {
+    config[ov::inference_num_threads.name()] = threads;
+    // OpenVINO pins a process using fewer threads than it may run on to its first cores: two such processes on one
+    // machine shared a core, each at half speed. Unpinned, the OS spreads them (as the Python engine does).
+    cpu_set_t allowed;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && threads < CPU_COUNT(&allowed)) {
+      config[ov::hint::enable_cpu_pinning.name()] = false;
+    }
+  }
   encoder = core.compile_model(model_dir + "/encoder.xml", "CPU", config);
   decoder = core.compile_model(model_dir + "/decoder.xml", "CPU", config);
   encode_request = encoder.create_infer_request();

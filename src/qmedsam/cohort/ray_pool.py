@@ -44,6 +44,27 @@ class CaseWorker:
         return {**run_case(self.engine, case, options, out_dir), "worker": f"{os.uname().nodename}:{os.getpid()}"}
 
 
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
+
+
+def _use_token_like_ray_start() -> None:
+    """Join a cluster with the token `ray start` would have used on this machine. Why: `ray start` turns token
+    authentication on whenever a token exists (Ray >= 2.59 writes ~/.ray/auth_token on any local `ray.init()`),
+    but `ray.init(address=HOST:PORT)` does so only for address 'auto', so a driver on the head node is refused by
+    its own cluster. A token sent to a cluster without authentication is ignored; RAY_AUTH_MODE, when set, wins."""
+    if AUTH_MODE_ENV in os.environ:
+        return
+    token_given = os.environ.get(AUTH_TOKEN_ENV) or os.environ.get(AUTH_TOKEN_PATH_ENV)
+    if token_given or Path(DEFAULT_TOKEN_FILE).expanduser().is_file():
+        os.environ[AUTH_MODE_ENV] = "token"
+        from ray._raylet import Config  # Ray reads its settings once; this is how Ray itself re-reads them
+
+        Config.initialize("")
+
+
 def _require_ray():
     try:
         import ray
@@ -67,10 +88,16 @@ def ray_executor(
         started_here = not ray.is_initialized()
         if started_here:
             kwargs = {"include_dashboard": False} if address == "local" else {}
+            if address != "local":
+                _use_token_like_ray_start()
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserFacingError(f"--ray {address}: could not start or join a Ray cluster: {exc}") from None
+                raise UserFacingError(
+                    f"--ray {address}: could not start or join a Ray cluster: {exc}. If the cluster uses token "
+                    f"authentication, this machine needs its token: {AUTH_TOKEN_ENV}, {AUTH_TOKEN_PATH_ENV} or "
+                    f"{DEFAULT_TOKEN_FILE}"
+                ) from None
         try:
             yield from _stream(ray, cases, actors, threads, worker_spec, options, out_dir)
         finally:

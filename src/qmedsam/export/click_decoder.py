@@ -22,11 +22,10 @@ import numpy as np
 
 from qmedsam.data.preprocess import postprocess_logits, preprocess_image, scale_boxes
 from qmedsam.errors import UserFacingError
-from qmedsam.evaluate.metrics import mask_dice
 from qmedsam.export.fp32 import base_meta, name_io, write_meta
 from qmedsam.export.int8 import check_coverage, export_decoder_onnx
 from qmedsam.export.int8_parity import ParityThresholds, _required, ir_to_check
-from qmedsam.export.parity import ParitySample
+from qmedsam.export.parity import MaskAgreement, ParitySample
 from qmedsam.export.staging import staged_directory
 from qmedsam.inference.model_dir import encoder_sha256, read_model_meta
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
@@ -75,8 +74,8 @@ def parity_clicks(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decoder_agreement(reference, candidate, samples: Sequence[ParitySample], with_clicks: bool) -> dict:
-    """Mean / min per-box mask Dice of `candidate`'s decoder vs `reference`'s on the reference's embedding."""
-    dices: list[float] = []
+    """`MaskAgreement` of `candidate`'s decoder with `reference`'s on the reference's embedding."""
+    agreement = MaskAgreement()
     for sample in samples:
         tensor, geometry = preprocess_image(sample.image)
         boxes = scale_boxes(sample.boxes, geometry)
@@ -84,8 +83,8 @@ def decoder_agreement(reference, candidate, samples: Sequence[ParitySample], wit
         embedding = reference.encode(tensor)
         ref = postprocess_logits(reference.decode(embedding, boxes, *clicks), geometry)
         cand = postprocess_logits(candidate.decode(embedding, boxes, *clicks), geometry)
-        dices += [mask_dice(a, b) for a, b in zip(ref, cand, strict=True)]
-    return {"boxes": len(dices), "mask_dice_mean": float(np.mean(dices)), "mask_dice_min": float(np.min(dices))}
+        agreement.add(ref, cand)
+    return agreement.summary()
 
 
 def export_click_decoder(
