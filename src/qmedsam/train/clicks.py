@@ -367,6 +367,7 @@ class ClickTrainer:
         self.encoder_identity = identity = encoder_sha256(self.encoder_dir)
         teacher_identity = sha256_file(pretrained_weights_path())
         root = check_data_root(config.data_root)
+        resumed = self.checked_resume(self.resume) if self.resume is not None else None  # before minutes of views
         with tempfile.TemporaryDirectory() as scratch:
             student = (identity, exact_int8_encoder(self.encoder_dir, Path(scratch)))
             teacher = (teacher_identity, float_teacher_encoder(self.teacher))
@@ -404,8 +405,8 @@ class ClickTrainer:
         self.optimizer = torch.optim.Adam(groups)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume is not None:
-            self.restore(self.resume)
+        if resumed is not None:
+            self.restore(resumed, self.resume)
 
     def int8_model(self) -> nn.Module:
         """The decoder as export takes it: the model itself, or (float training) a quantized copy of it calibrated
@@ -447,7 +448,8 @@ class ClickTrainer:
         atomic_torch_save(self.payload(), path)
         return path
 
-    def restore(self, path: Path) -> None:
+    def checked_resume(self, path: Path) -> dict[str, Any]:
+        """The checkpoint to resume from, refused unless it is a click-training run's on this run's encoder."""
         state = load_checkpoint(path)
         if state.get("recipe") != RECIPE or "optimizer" not in state:
             raise UserFacingError(
@@ -457,6 +459,9 @@ class ClickTrainer:
             raise UserFacingError(
                 f"{path}: trained on another encoder than {self.encoder_dir}'s; resume with the same encoder_model"
             )
+        return state
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
         self.model.load_state_dict(state["model" if self.config.quantized_training else "train_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
