@@ -250,7 +250,6 @@ def _ray_home(home: Path, token: str | None = None) -> dict[str, str]:
 
 def test_ray_alone_starts_ray_on_this_machine(cohort: Path, reference: Path, tmp_path):
     """`--ray` with no address: a Ray instance of its own for the run, gone after it (one actor, one case)."""
-    pytest.importorskip("ray")
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f"image\n{cohort}/cases/2D_CT_TotalSeg_0001.npz\n")
     out = tmp_path / "out"
@@ -277,7 +276,6 @@ def ray_home(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_cluster(cohort: Path, ray_home: dict[str, str]):
     """A one-node Ray cluster on 127.0.0.1 (2 CPUs), its workers told to die on the case id "crash"."""
-    pytest.importorskip("ray")
     ray_cli = str(Path(sys.executable).parent / "ray")
     temp = tempfile.mkdtemp(prefix="qr", dir="/tmp")  # short: Ray's unix sockets live under it
     port = _free_port()

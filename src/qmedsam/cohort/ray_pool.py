@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,9 +61,13 @@ def _use_token_like_ray_start() -> None:
     token_given = os.environ.get(AUTH_TOKEN_ENV) or os.environ.get(AUTH_TOKEN_PATH_ENV)
     if token_given or Path(DEFAULT_TOKEN_FILE).expanduser().is_file():
         os.environ[AUTH_MODE_ENV] = "token"
-        from ray._raylet import Config  # Ray reads its settings once; this is how Ray itself re-reads them
+        if "ray" in sys.modules:  # Ray read its settings at import: re-read them, as Ray itself does
+            try:
+                from ray._raylet import Config
 
-        Config.initialize("")
+                Config.initialize("")
+            except (ImportError, AttributeError):
+                log.warning("Ray was imported before %s was set; set it before importing Ray", AUTH_MODE_ENV)
 
 
 def _require_ray():
@@ -78,6 +83,8 @@ def ray_executor(
 ) -> Executor:
     """`address`: 'local' starts a Ray instance on this machine; 'auto' or HOST:PORT (or ray://...) joins a cluster.
     `actors`: how many (default: the cluster's CPUs over each actor's threads)."""
+    if address != "local":
+        _use_token_like_ray_start()
     ray = _require_ray()
 
     def run(cases: list[CohortCase]) -> Iterator[Event]:
@@ -88,8 +95,6 @@ def ray_executor(
         started_here = not ray.is_initialized()
         if started_here:
             kwargs = {"include_dashboard": False} if address == "local" else {}
-            if address != "local":
-                _use_token_like_ray_start()
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
