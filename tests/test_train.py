@@ -341,8 +341,9 @@ def test_three_stages_under_torchrun_keep_ranks_in_sync(train_tree_dir: Path, tm
 
 
 def test_killed_run_resumes_on_the_uninterrupted_trajectory(train_tree_dir: Path, tmp_path: Path):
-    """Stage 2 (decoder QAT, 2 epochs of 2 steps, validated each epoch): run straight through, then run again,
-    SIGKILL it after its step-2 checkpoint (mid-epoch or at the epoch end), resume, and compare."""
+    """Stage 2 (decoder QAT, 2 epochs of 2 steps, validated each epoch): run straight through, then run again
+    from the straight run's starting model (its init.pt: the same start without calibrating again), SIGKILL it
+    after its step-2 checkpoint (mid-epoch or at the epoch end), resume, and compare."""
     sets = [
         f"data_root={train_tree_dir}",
         "init_checkpoint=null",
@@ -362,6 +363,7 @@ def test_killed_run_resumes_on_the_uninterrupted_trajectory(train_tree_dir: Path
     assert all(0.0 <= e["dsc"] <= 1.0 for e in reference_epochs) and (straight / "best.pt").is_file()
 
     killed = tmp_path / "killed"
+    sets[1] = f"init_checkpoint={straight / 'init.pt'}"
     cmd = [sys.executable, "-m", "qmedsam", "train", "--config", config, "--set", *sets, f"out_dir={killed}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
     deadline = time.monotonic() + 600
