@@ -91,7 +91,7 @@ MIN_MEASURED_PIXELS = 50
 """A box's mask Dice enters an agreement mean only when the larger of its two masks holds at least this many
 pixels (where one pixel moves the Dice by at most 0.01). Why: on a 5-pixel nucleus two pixels are Dice 0.75, so
 one rounding difference, which CPUs differ in, moved a 19-box mean by 0.013, more than the parity slack (seen:
-a correct click decoder refused at 0.9817 on an AMD EPYC with AVX-512 VNNI, 0.9957 without that box). A fault
+a correct click decoder refused at 0.9817 on an AMD EPYC with AVX-512 VNNI, 0.9957 over its boxes of >= 50 px). A fault
 hurts the larger masks too; a tiny object blown up by a fault has a large mask and counts."""
 
 
