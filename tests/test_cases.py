@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qmedsam.data.cases import CaseError, modality_of, read_case, read_ground_truth, segmentation_dtype
-from qmedsam.files import atomic_savez
+from qmedsam.files import atomic_savez, leftover_temporaries
 
 
 def write(tmp_path: Path, name: str, **arrays) -> Path:
@@ -119,3 +119,27 @@ def test_modality_and_atomic_write(tmp_path):
     path = atomic_savez(tmp_path / "out" / "x.npz", segs=np.ones((3, 3), np.uint8))
     assert np.load(path)["segs"].sum() == 9
     assert [p.name for p in path.parent.iterdir()] == ["x.npz"]
+
+
+def test_leftover_temporaries_are_a_killed_writes_of_that_file_only(tmp_path, monkeypatch):
+    """What a rerun may delete: the temporary `atomic_write` made for that output, not a neighbour's or the user's."""
+    import os
+    import tempfile
+
+    kept = []
+    real = tempfile.mkstemp
+
+    def keep(*args, **kwargs):  # the writer dies right after mkstemp, as under SIGKILL: its temporary stays
+        fd, name = real(*args, **kwargs)
+        kept.append(Path(name))
+        os.close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "mkstemp", keep)
+    for name in ("a.npz", "a.npz.npz"):
+        with pytest.raises(KeyboardInterrupt):
+            atomic_savez(tmp_path / name, segs=np.ones(2, np.uint8))
+    monkeypatch.undo()
+    (tmp_path / ".a.npz.mine.tmp").touch()  # not ours: another length than mkstemp's
+    assert leftover_temporaries(tmp_path / "a.npz") == [kept[0]]
+    assert leftover_temporaries(tmp_path / "a.npz.npz") == [kept[1]]

@@ -6,6 +6,7 @@ The bottom of the package: imports nothing of qmedsam, so anything may stand on 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import os
 import tempfile
@@ -32,12 +33,26 @@ def _publish(tmp_name: str, path: Path) -> None:
     os.replace(tmp_name, path)
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of `atomic_write`'s temporaries for `path`: hidden, beside it, ending in .tmp."""
+    return f".{path.name}.", ".tmp"
+
+
+def leftover_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporaries a killed `atomic_write` of `path` left behind (what a rerun may remove: ours alone). Only
+    mkstemp's 8 random characters between the affixes: `.a.npz.*.tmp` would also match a temporary of `a.npz.npz`."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    return sorted(path.parent.glob(glob.escape(prefix) + "?" * 8 + glob.escape(suffix)))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call `write(handle)` on a temporary file in the same folder, then rename it into place, so readers
     never see half a file (the one mechanism behind every qmedsam output: npz, npy, JSON, PNG, checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temporary_affixes(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

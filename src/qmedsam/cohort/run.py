@@ -16,14 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 
 from qmedsam.cohort.job import EngineSpec, PredictOptions, input_sha256, run_case
 from qmedsam.cohort.ledger import LEDGER_NAME, Ledger
 from qmedsam.cohort.manifest import CohortCase, in_shard
 from qmedsam.errors import UserFacingError
-from qmedsam.files import atomic_write_bytes
+from qmedsam.files import atomic_write_bytes, leftover_temporaries
 
 log = logging.getLogger("qmedsam.cohort")
 
@@ -60,8 +59,8 @@ def plan_cohort(
             else:
                 plan.run.append(case)
             continue
-        for name in case.output_names():  # what a killed writer of ours left (`files.atomic_write`'s temporaries)
-            for stale in out_dir.glob(f".{glob_escape(name)}.*.tmp"):
+        for name in case.output_names():  # a case our ledger started: what a killed writer of ours left
+            for stale in leftover_temporaries(out_dir / name):
                 stale.unlink(missing_ok=True)
         same = entry.get("model") == model and entry.get("input_sha256") == input_sha256(case, options)
         if same and entry["status"] == "ok" and all((out_dir / name).is_file() for name in entry.get("outputs", [])):

@@ -20,6 +20,7 @@ the result into a model folder (the encoder copied from `encoder_model`, the dec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -74,14 +75,8 @@ def exact_int8_encoder(model_dir: Path, scratch: Path):
 def built_on_first_call(build: Callable[[], Encode]) -> Encode:
     """An encoder made only if a view is not in the cache yet: a resumed run (every view cached) skips the
     teacher's conversion to OpenVINO (8.5 s on an AVX-512 EPYC) and the int8 encoder's compilation."""
-    made: list[Encode] = []
-
-    def encode(image: np.ndarray) -> np.ndarray:
-        if not made:
-            made.append(build())
-        return made[0](image)
-
-    return encode
+    made = functools.cache(build)
+    return lambda image: made()(image)
 
 
 def float_teacher_encoder(model: nn.Module):
