@@ -51,6 +51,8 @@ VERDICTS = {
     "3D_member_not_npy.npz": "not a .npy array",
     "3D_missing_boxes.npz": "missing key 'boxes' (found keys: ['imgs'])",
     "3D_negative_dimension.npz": "shape has a negative dimension (-1)",
+    "3D_empty_shape_overflows.npz": "array of shape (100001553522344, 1553522344, 0, 4) and dtype float16 is empty, "
+    "but its nonzero dimensions span more than",
     "3D_not_a_zip.npz": "not a zip archive",
     "3D_npy_version_9.npz": "npy format version 9 is not accepted",
     "3D_object_dtype.npz": "object arrays (pickles) are not accepted",

@@ -260,14 +260,19 @@ Array parse_npy(const std::vector<uint8_t>& raw, uint64_t max_bytes) {
   HeaderParser(header).parse(descr, fortran, array.shape);
   char byte_order = '<';
   parse_dtype(descr, array, byte_order);
-  uint64_t bytes = static_cast<uint64_t>(array.itemsize);
-  if (std::find(array.shape.begin(), array.shape.end(), 0) != array.shape.end()) bytes = 0;
-  for (size_t a = 0; bytes && a < array.shape.size(); ++a) {
-    if (__builtin_mul_overflow(bytes, static_cast<uint64_t>(array.shape[a]), &bytes) || bytes > max_bytes) {
-      throw NpzError("array of shape " + array.shape_text() + " and dtype " + array.dtype_name() + " decodes to more than " +
+  // The nonzero dimensions are bounded even when another is zero: an empty (2^40, 2^40, 0) array holds no byte,
+  // but every product of its dimensions (element counts, strides) would overflow.
+  const bool empty = std::find(array.shape.begin(), array.shape.end(), 0) != array.shape.end();
+  uint64_t span = static_cast<uint64_t>(array.itemsize);
+  for (size_t a = 0; a < array.shape.size(); ++a) {
+    if (array.shape[a] == 0) continue;
+    if (__builtin_mul_overflow(span, static_cast<uint64_t>(array.shape[a]), &span) || span > max_bytes) {
+      throw NpzError("array of shape " + array.shape_text() + " and dtype " + array.dtype_name() +
+                     (empty ? " is empty, but its nonzero dimensions span more than " : " decodes to more than ") +
                      std::to_string(max_bytes) + " bytes (the limit; " + kMaxBytesEnv + " changes it)");
     }
   }
+  const uint64_t bytes = empty ? 0 : span;
   const size_t start = offset + header_length;
   const uint64_t available = raw.size() - start;
   if (available < bytes) {
@@ -394,7 +399,8 @@ std::string npy_bytes(const Array& array) {
 
 }  // namespace
 
-int64_t Array::size() const {  // every Array comes from parse_npy or our own code: its byte size was checked
+int64_t Array::size() const {  // every Array comes from parse_npy or our own code: its nonzero span was checked
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
   int64_t n = 1;
   for (int64_t s : shape) n *= s;
   return n;

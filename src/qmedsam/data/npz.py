@@ -205,14 +205,19 @@ def parse_npy(raw: bytearray, max_bytes: int) -> np.ndarray:
     fields = _HeaderParser(header).parse()
     dtype = parse_dtype(str(fields["descr"]))
     shape: tuple[int, ...] = fields["shape"]  # type: ignore[assignment]
-    nbytes = 0 if 0 in shape else dtype.itemsize
-    for dim in shape if nbytes else ():
-        nbytes *= dim  # exact in Python; stops at the first step past the limit, as the C++ checked product does
-        if nbytes > max_bytes:
+    # The nonzero dimensions are bounded even when another is zero (an empty array whose element counts and
+    # strides would overflow a C++ int64), step by step as the C++ checked product is.
+    empty = 0 in shape
+    span = dtype.itemsize
+    for dim in (d for d in shape if d):
+        span *= dim
+        if span > max_bytes:
+            what = "is empty, but its nonzero dimensions span more than" if empty else "decodes to more than"
             raise NpzError(
-                f"array of shape {shape} and dtype {dtype.name} decodes to more than {max_bytes} bytes "
+                f"array of shape {shape} and dtype {dtype.name} {what} {max_bytes} bytes "
                 f"(the limit; {MAX_BYTES_ENV} changes it)"
             )
+    nbytes = 0 if empty else span
     start = offset + header_length
     available = len(raw) - start
     if available < nbytes:

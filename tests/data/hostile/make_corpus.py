@@ -64,6 +64,11 @@ def main() -> None:
         "3D_shape_wraps_2_64.npz", raw_npy(header("(4294967296, 4294967296, 1)", fortran="True"), b"\0" * 16)
     )
     case_with_imgs("3D_negative_dimension.npz", raw_npy(header("(-1, 8, 8)"), b"\0" * 16))
+    # Found by the fuzzer: an empty array (one zero dimension) whose other dimensions multiply past 2**63.
+    case_with_imgs(
+        "3D_empty_shape_overflows.npz",
+        raw_npy(header("(0100001553522344, 001553522344, 0, 4)", descr="'<f2'", fortran="True")),
+    )
     # A 60 KB header (std::regex recursed on it until the stack overflowed) and a bounded one of deep nesting.
     case_with_imgs("3D_header_60kb.npz", raw_npy(header("(2, 8, 8)") + " " * 60_000, image.tobytes(), version=2))
     case_with_imgs("3D_header_nested.npz", raw_npy(header("(" * 9000)))
