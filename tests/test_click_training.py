@@ -30,6 +30,7 @@ SMALL = [
     "val_every_steps=2",
     "checkpoint_every_steps=1",
     "threads=2",
+    "click_disk_weight=1.0",  # the optional click-disk loss runs too
 ]
 
 
@@ -131,3 +132,29 @@ def test_float_training_checkpoints_an_int8_decoder(train_tree_dir: Path, tmp_pa
     assert is_quantized_state_dict(state["model"]) and not is_quantized_state_dict(state["train_state"])
     int8 = json.loads((out / "summary.json").read_text())["int8_validation"]
     assert len(int8["val_dice_per_click"]) == 3 and 0.0 <= int8["val_curve_area"] <= 1.0
+    # A new float run starts from this one's float weights: its step-0 validation is this run's last one.
+    again = tmp_path / "again"
+    settings = [f"out_dir={again}", f"init_checkpoint={out / 'last.pt'}", "quantized_training=false", "max_steps=0"]
+    assert main([*argv, *settings]) == 0
+    first = json.loads((again / "metrics.jsonl").read_text().splitlines()[0])
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert first["step"] == 0 and first["val_dice_per_click"] == last["val_dice_per_click"]
+
+
+def test_the_click_disk_loss_weighs_only_the_pixels_near_each_click():
+    """The dense click signal: a disk of radius r around every click (x, y), and a BCE averaged over those
+    pixels alone, so a mask right near its clicks scores ~0 however wrong it is elsewhere."""
+    from qmedsam.train.clicks import click_disks, disk_bce
+
+    disks = click_disks([[(10.0, 20.0)], [(0.0, 0.0), (255.0, 255.0)], []], radius=2)
+    assert disks.shape == (3, 256, 256)
+    assert disks[0].sum() == 13 and disks[0, 20, 10] == 1 and disks[0, 20, 12] == 1 and disks[0, 21, 12] == 0
+    assert disks[1, 0, 0] == disks[1, 255, 255] == 1 and disks[1].sum() == 2 * 6  # quarter disks at the corners
+    assert disks[2].sum() == 0
+    target = torch.zeros(3, 1, 256, 256)
+    target[0, 0, 18:23, 8:13] = 1.0
+    logits = torch.where(target > 0, 20.0, -20.0)
+    logits[:, :, 100:, 100:] = -logits[:, :, 100:, 100:]  # wrong far from every click
+    loss = disk_bce(logits, target, disks)
+    assert loss[0] < 1e-6 and loss[2] == 0.0  # no clicks: no term
+    assert disk_bce(-logits, target, disks)[0] > 10.0  # wrong at the click

@@ -10,7 +10,8 @@ Its interaction: the box alone, then up to K corrective clicks (K drawn per samp
 placed on the largest error of the current mask (`qmedsam.evaluate.interaction.sample_click`: the protocol's
 centre point or, as real users do, nearer the border), every click so far given with the box. The loss is
 taken at every step: the box-only step learns the float teacher's mask (soft-label BCE, as the shipped
-decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE).
+decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE,
+plus a BCE on disks around the clicks: the dense signal that the clicked area follows its click).
 Validation runs the protocol's deterministic rule (`next_click`) on the validation split: Dice per click.
 
 `qmedsam train --config configs/train/clicks.yaml` runs it; `qmedsam export --checkpoint OUT/best.pt` turns
@@ -54,6 +55,7 @@ from qmedsam.train.loop import (
     check_data_root,
     load_checkpoint,
     load_student,
+    read_torch_file,
 )
 from qmedsam.train.losses import segmentation_loss
 
@@ -122,23 +124,28 @@ def decoder_spec(config: ClickConfig, encoder_dir: Path):
     )
 
 
-def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights, learned activation scales) the recipe trains: the whole mask decoder and the prompt encoder's
-    point embeddings (include, exclude, padding); the box corner embeddings and the encoder stay frozen."""
+@dataclass(frozen=True)
+class Trainable:
+    """What the recipe trains: the whole mask decoder (weights, learned activation scales) and the prompt
+    encoder's point embeddings (include, exclude, padding); the box corner embeddings and the encoder stay
+    frozen."""
+
+    weights: list[nn.Parameter]
+    scales: list[nn.Parameter]
+    points: list[nn.Parameter]
+
+
+def trainable_parameters(model: nn.Module) -> Trainable:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     prompt = model.prompt_encoder
-    point_params = [
-        prompt.point_embeddings[0].weight,
-        prompt.point_embeddings[1].weight,
-        prompt.not_a_point_embed.weight,
-    ]
+    points = [prompt.point_embeddings[0].weight, prompt.point_embeddings[1].weight, prompt.not_a_point_embed.weight]
     scales = [p for n, p in model.mask_decoder.named_parameters() if "quant" in n]
     scale_ids = {id(p) for p in scales}
-    weights = [p for p in model.mask_decoder.parameters() if id(p) not in scale_ids] + point_params
-    for parameter in weights + scales:
+    weights = [p for p in model.mask_decoder.parameters() if id(p) not in scale_ids]
+    for parameter in weights + scales + points:
         parameter.requires_grad_(True)
-    return weights, scales
+    return Trainable(weights, scales, points)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +175,22 @@ def boxes_around(truths: np.ndarray, resized: np.ndarray, margins: np.ndarray) -
 def training_boxes(truths: np.ndarray, resized: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
     """Boxes with each side widened by a random 0..shift px."""
     return boxes_around(truths, resized, rng.integers(0, shift + 1, size=(len(truths), 4)))
+
+
+def click_disks(points: list[list[tuple[float, float]]], radius: int, size: int = 256) -> torch.Tensor:
+    """(B, size, size) 1.0 within `radius` px of any of each object's clicks (x, y), else 0."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    out = np.zeros((len(points), size, size), np.float32)
+    for row, clicks in enumerate(points):
+        for x, y in clicks:
+            out[row] = np.maximum(out[row], (xs - x) ** 2 + (ys - y) ** 2 <= radius**2)
+    return torch.from_numpy(out)
+
+
+def disk_bce(logits: torch.Tensor, target: torch.Tensor, disks: torch.Tensor) -> torch.Tensor:
+    """Per-sample BCE of (B, 1, H, W) logits against the target, averaged over each sample's click disks."""
+    loss = F.binary_cross_entropy_with_logits(logits[:, 0], target[:, 0], reduction="none")
+    return (loss * disks).flatten(1).sum(dim=1) / disks.flatten(1).sum(dim=1).clamp(min=1.0)
 
 
 def soft_bce(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -251,7 +274,11 @@ def interaction_loss(
             break
         points, labels = interaction.prompts()
         logits = model.decode(embeddings[active], boxes[active], False, points, labels)[0]
-        losses.append(segmentation_loss(logits, target[active]).mean())
+        click_loss = segmentation_loss(logits, target[active])
+        if config.click_disk_weight:
+            disks = click_disks([interaction.points[i] for i in active], config.click_disk_radius)
+            click_loss = click_loss + config.click_disk_weight * disk_bce(logits, target[active], disks)
+        losses.append(click_loss.mean())
         weights.append(float(len(active)))
         predictions = (logits.detach()[:, 0] > 0).numpy()
     total = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
@@ -346,6 +373,22 @@ def _learning_rate_factor(step: int, config: ClickConfig) -> float:
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def float_start(source: Path) -> nn.Module:
+    """The float model a float run starts from: a float click run's weights (its `train_state`), else a float
+    state dict (the pretrained LiteMedSAM's by default). A quantized click run holds no float weights to go on
+    from in float."""
+    state = read_torch_file(source)
+    if isinstance(state, dict) and state.get("recipe") == RECIPE:
+        if "train_state" not in state:
+            raise UserFacingError(
+                f"{source}: a click run trained with quantized_training: true; start from it with the same setting"
+            )
+        model = load_pretrained_litemedsam()
+        model.load_state_dict(state["train_state"])
+        return model.eval()
+    return load_pretrained_litemedsam(source)
+
+
 class ClickTrainer:
     """One click-training run: cached views, the student, Adam, checkpoints (`last.pt`, `best.pt` by the area
     under the validation Dice-per-click curve), `metrics.jsonl` and `summary.json` in `out_dir`."""
@@ -406,11 +449,11 @@ class ClickTrainer:
             if "mask_decoder" in parts:
                 self.summary |= _calibrate_decoder(self.model, self.train_views, config.calib_views, self.rng)
         else:
-            self.model = load_pretrained_litemedsam(source)
-        weights, scales = trainable_parameters(self.model)
-        groups = [{"params": weights, "lr": config.lr}]
-        if scales:
-            groups.append({"params": scales, "lr": config.scale_lr})
+            self.model = float_start(source)
+        trainable = trainable_parameters(self.model)
+        groups = [{"params": trainable.weights, "lr": config.lr}, {"params": trainable.points, "lr": config.point_lr}]
+        if trainable.scales:
+            groups.append({"params": trainable.scales, "lr": config.scale_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -472,6 +515,12 @@ class ClickTrainer:
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         self.model.load_state_dict(state["model" if self.config.quantized_training else "train_state"])
+        groups, expected = len(state["optimizer"]["param_groups"]), len(self.optimizer.param_groups)
+        if groups != expected:  # an older qmedsam trained the point embeddings in the weights' group
+            raise UserFacingError(
+                f"{path}: its optimizer has {groups} parameter groups, this recipe {expected} (written by an older "
+                f"qmedsam); start a new run from its weights with --set init_checkpoint={path}"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_index = int(state["step"])
         self.best_area = float(state["best_area"])

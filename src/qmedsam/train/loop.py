@@ -136,7 +136,7 @@ def atomic_torch_save(payload: Any, path: Path) -> None:
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
-def _read_torch_file(path: Path) -> Any:
+def read_torch_file(path: Path) -> Any:
     if not path.is_file():
         raise TrainingError(f"{path}: checkpoint not found")
     try:
@@ -147,7 +147,7 @@ def _read_torch_file(path: Path) -> Any:
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
-    state = _read_torch_file(path)
+    state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path}: not a qmedsam training checkpoint (format {CHECKPOINT_FORMAT})")
     return state
@@ -163,7 +163,7 @@ def load_resume_checkpoint(path: Path) -> dict:
     """The run checkpoint `--resume` continues from, checked before anything is built: a stage's starting model
     (init.pt) or a weights file would otherwise fail deep in the set-up (KeyError 'optimizer')."""
     path = Path(path)
-    state = _read_torch_file(path)
+    state = read_torch_file(path)
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         missing = [key for key in RUN_CHECKPOINT_KEYS if key not in state]
         fields = sorted(f.name for f in dataclasses.fields(RunState))
