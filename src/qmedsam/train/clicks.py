@@ -10,8 +10,9 @@ Its interaction: the box alone, then up to K corrective clicks (K drawn per samp
 placed on the largest error of the current mask (`qmedsam.evaluate.interaction.sample_click`: the protocol's
 centre point or, as real users do, nearer the border), every click so far given with the box. The loss is
 taken at every step: the box-only step learns the float teacher's mask (soft-label BCE, as the shipped
-decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE,
-plus a BCE on disks around the clicks: the dense signal that the clicked area follows its click).
+decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE;
+with `click_disk_weight` also a BCE on disks around the clicks, a dense signal that the clicked area follows
+its click).
 Validation runs the protocol's deterministic rule (`next_click`) on the validation split: Dice per click.
 
 `qmedsam train --config configs/train/clicks.yaml` runs it; `qmedsam export --checkpoint OUT/best.pt` turns
