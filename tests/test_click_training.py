@@ -31,6 +31,7 @@ SMALL = [
     "checkpoint_every_steps=1",
     "threads=2",
     "click_disk_weight=1.0",  # the optional click-disk loss runs too
+    "quantized_training=true",  # the fake-quant path here; test_float_training_checkpoints_an_int8_decoder: float
 ]
 
 

@@ -4,7 +4,6 @@ API's validation, and a model folder exported before clicks still serving boxes 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,30 @@ def test_clicks_are_tokens_before_the_box_and_none_is_the_box_alone(pretrained_m
     torch.testing.assert_close(sparse[0, 2], prompt.not_a_point_embed.weight[0])
     with pytest.raises(ValueError, match="point_labels"):
         prompt(boxes, points, None)
+
+
+def test_the_click_map_changes_the_dense_embedding_only_near_its_clicks(pretrained_model):
+    """Clicks also reach the decoder densely: a bump per click (+ include, - exclude) through SAM's mask-prompt
+    layers, added to the no-mask embedding. No clicks, N = 0 or padding alone leave the dense embedding exactly
+    the box-only one; a click changes only the embedding cells within 3 sigma (+ one 4-px cell) of it."""
+    from qmedsam.model.sam_decoder import CLICK_MAP_SIGMA
+
+    prompt = pretrained_model.prompt_encoder
+    boxes = torch.tensor([[10.0, 20.0, 120.0, 140.0]])
+    _, alone = prompt(boxes)
+    for points, labels in ((torch.zeros(1, 0, 2), torch.zeros(1, 0)), (torch.ones(1, 2, 2), -torch.ones(1, 2))):
+        _, dense = prompt(boxes, points, labels)
+        assert torch.equal(dense.expand_as(alone), alone)
+    x, y = 70.0, 81.0
+    click_map = prompt.click_map(torch.tensor([[[x, y]]]), torch.tensor([[1.0]]))
+    assert click_map.shape == (1, 1, 256, 256) and click_map[0, 0, 81, 70] == 1.0
+    assert torch.equal(prompt.click_map(torch.tensor([[[x, y]]]), torch.tensor([[0.0]])), -click_map)
+    _, dense = prompt(boxes, torch.tensor([[[x, y]]]), torch.tensor([[1.0]]))
+    changed = (dense != alone).any(dim=1)[0].nonzero()
+    reach = 3 * CLICK_MAP_SIGMA
+    assert changed.numel() and [y // 4, x // 4] in changed.tolist()
+    assert (changed[:, 0] >= (y - reach) // 4).all() and (changed[:, 0] <= (y + reach) // 4).all()
+    assert (changed[:, 1] >= (x - reach) // 4).all() and (changed[:, 1] <= (x + reach) // 4).all()
 
 
 def test_exported_decoder_takes_any_number_of_clicks_and_none(
@@ -131,32 +154,11 @@ def test_predict_refuses_half_a_click_and_clicks_with_a_3d_box(fp32_model_dir, o
 
 
 def test_a_model_folder_from_before_clicks_serves_boxes_and_refuses_clicks(
-    fp32_model_dir, tmp_path, ov_cache_dir, pretrained_model, ct_case
+    fp32_model_dir, box_only_model_dir, ov_cache_dir, ct_case
 ):
     """Older folders (decoder inputs `image_embedding`, `boxes` only) keep working for boxes; clicks are refused
     with the folder's name, not an OpenVINO error."""
-    import openvino as ov
-
-    from qmedsam.export.fp32 import name_io
-
-    class BoxOnlyDecoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, image_embedding, boxes):
-            return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
-
-    old = tmp_path / "old"
-    shutil.copytree(fp32_model_dir, old)
-    with torch.no_grad():
-        decoder = ov.convert_model(
-            BoxOnlyDecoder(pretrained_model),
-            example_input=(torch.zeros(1, 256, 64, 64), torch.tensor([[[10.0, 10.0, 90.0, 90.0]]])),
-            input=[[1, 256, 64, 64], [-1, 1, 4]],
-        )
-    name_io(decoder, ["image_embedding", "boxes"], "low_res_masks")
-    ov.save_model(decoder, str(old / "decoder.xml"), compress_to_fp16=False)
+    old = box_only_model_dir
     engine = OpenVINOEngine(old, cache_dir=ov_cache_dir)
     assert not engine.takes_clicks
     segmenter = Segmenter(engine=engine)

@@ -44,10 +44,16 @@ class PositionEmbeddingRandom(nn.Module):
 NOT_A_POINT = -1.0
 """Point label of padding (SAM's): lets a batch of prompts with fewer clicks share one points array."""
 
+CLICK_MAP_SIGMA = 2.0
+"""Width (px of the 256² input) of the bump each click leaves on the click map. The clicks' sparse tokens place
+them through low-frequency Fourier features (SAM's, ~40 px wide at 256²), too coarse for objects of ~12 px; the
+map says at 4-px resolution where a click is, through the dense path."""
+
 
 class PromptEncoder(nn.Module):
-    """Encodes a box (two corner tokens) and clicks (one token each: SAM's point embeddings, label 1 include,
-    0 exclude, -1 padding); the mask-prompt layers are kept for checkpoint compatibility."""
+    """Encodes a box (two corner tokens) and clicks: one token each (SAM's point embeddings, label 1 include,
+    0 exclude, -1 padding) and a dense click map (+1 bumps at include clicks, -1 at exclude clicks) through SAM's
+    mask-prompt layers, added to the no-mask embedding as a change that is exactly zero away from the clicks."""
 
     def __init__(
         self,
@@ -100,19 +106,45 @@ class PromptEncoder(nn.Module):
             + include * self.point_embeddings[1].weight
         )
 
+    def click_map(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2) clicks + (B, N) labels -> (B, 1, H, W) on the input image's grid: a Gaussian bump of
+        `CLICK_MAP_SIGMA` px cut at 3 sigma, +1 at include clicks, -1 at exclude clicks, 0 for padding (and for
+        N = 0), summed and clipped to [-1, 1]."""
+        height, width = self.input_image_size
+        dtype = self.no_mask_embed.weight.dtype
+        ys = torch.arange(height, dtype=dtype).reshape(1, 1, height, 1)
+        xs = torch.arange(width, dtype=dtype).reshape(1, 1, 1, width)
+        points = points.to(dtype)
+        dx = xs - points[..., 0, None, None]
+        dy = ys - points[..., 1, None, None]
+        labels = labels.to(dtype)
+        sign = (labels == 1).to(dtype) - (labels == 0).to(dtype)
+        squared = dx * dx + dy * dy
+        near = (squared <= (3 * CLICK_MAP_SIGMA) ** 2).to(dtype)  # cut at 3 sigma: the change stays local
+        bumps = torch.exp(squared * (-0.5 / CLICK_MAP_SIGMA**2)) * near * sign[..., None, None]
+        return bumps.sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
+
+    def embed_click_map(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w): how the clicks change the dense embedding. The mask-prompt layers see one 4x4 patch per
+        embedding cell, so subtracting their output on an empty map makes the change exactly 0 wherever no click
+        is near, and a box's dense embedding with no clicks (N = 0, or all padding) is exactly the no-mask one."""
+        click_map = self.click_map(points, labels)
+        return self.mask_downscaling(click_map) - self.mask_downscaling(torch.zeros_like(click_map[:1]))
+
     def forward(
         self, boxes: torch.Tensor, points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sparse (B, N + 2, C), dense (1, C, h, w)): the clicks' tokens then the box's (SAM's order); without
-        clicks exactly the box's two. Without mask prompts the dense embedding is the same for every box, so it
-        has batch 1 and broadcasts (the decoder relies on this to share work between boxes)."""
+        """(sparse (B, N + 2, C), dense (1 or B, C, h, w)): the clicks' tokens then the box's (SAM's order);
+        without clicks exactly the box's two. Without clicks the dense embedding is the same for every box, so
+        it has batch 1 and broadcasts (the decoder relies on this to share work between boxes)."""
         sparse = self.embed_boxes(boxes)
+        height, width = self.image_embedding_size
+        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
         if points is not None:
             if point_labels is None:
                 raise ValueError("points need point_labels")
             sparse = torch.cat([self.embed_points(points, point_labels), sparse], dim=1)
-        height, width = self.image_embedding_size
-        dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
+            dense = dense + self.embed_click_map(points, point_labels)
         return sparse, dense
 
 

@@ -1,7 +1,8 @@
 """Teach the decoder clicks, on a CPU: simulated interaction on cached embeddings of the model's own int8 encoder.
 
 LiteMedSAM was trained with boxes only, so clicks make its masks worse. This recipe trains what must learn
-(the int8 mask decoder with its activation scales, and the prompt encoder's point embeddings) while the
+(the int8 mask decoder with its activation scales, and the prompt encoder's click parts: the point embeddings
+and the mask-prompt layers that embed the click map, `PromptEncoder.click_map`) while the
 encoder stays the shipped one: every training view is encoded once by that encoder (exactly as int8 CPUs run
 it) and by the float teacher, cached (`qmedsam.train.click_data`), so a step costs decoder passes only.
 
@@ -128,8 +129,9 @@ def decoder_spec(config: ClickConfig, encoder_dir: Path):
 @dataclass(frozen=True)
 class Trainable:
     """What the recipe trains: the whole mask decoder (weights, learned activation scales) and the prompt
-    encoder's point embeddings (include, exclude, padding); the box corner embeddings and the encoder stay
-    frozen."""
+    encoder's click parameters (`points`: the point embeddings include, exclude, padding, and the mask-prompt
+    layers that embed the click map); the box corner embeddings, the no-mask embedding and the encoder stay
+    frozen, so a box alone is decoded from the same prompts as before."""
 
     weights: list[nn.Parameter]
     scales: list[nn.Parameter]
@@ -141,6 +143,7 @@ def trainable_parameters(model: nn.Module) -> Trainable:
         parameter.requires_grad_(False)
     prompt = model.prompt_encoder
     points = [prompt.point_embeddings[0].weight, prompt.point_embeddings[1].weight, prompt.not_a_point_embed.weight]
+    points += list(prompt.mask_downscaling.parameters())
     scales = [p for n, p in model.mask_decoder.named_parameters() if "quant" in n]
     scale_ids = {id(p) for p in scales}
     weights = [p for p in model.mask_decoder.parameters() if id(p) not in scale_ids]

@@ -167,10 +167,11 @@ class ClickConfig:
     init_checkpoint: str | None = None
     """Weights to start from (null: the pretrained LiteMedSAM; else a float state dict or a click run's
     checkpoint, whose calibrated quantizers are kept)."""
-    quantized_training: bool = True
-    """True: the int8 (fake-quant) decoder trains, as it will run. False: the decoder trains in float (about 2x
-    faster a step on a CPU) and is calibrated to int8 on the training views for every checkpoint (what export
-    takes); validation during the run scores the float decoder, a last one the int8 decoder."""
+    quantized_training: bool = False
+    """False (the shipped model's run): the decoder trains in float (about 2x faster a step on a CPU) and is
+    calibrated to int8 on the training views for every checkpoint (what export takes); validation during the
+    run scores the float decoder, a last one the int8 decoder. True: the int8 (fake-quant) decoder trains, as
+    it will run."""
     slice_stride: int = 2
     """Every this-many-th labelled slice of a volume (neighbours are near copies)."""
     views_per_slice: int = 2
@@ -198,9 +199,10 @@ class ClickConfig:
     steps: int = 1500
     lr: float = 1.0e-4
     """Adam learning rate of the decoder's weights (warm-up, then cosine)."""
-    point_lr: float = 1.0e-4
-    """Learning rate of the prompt encoder's point embeddings (include, exclude, padding: three 256-vectors
-    that must learn what the box-trained model never used), on the same schedule."""
+    point_lr: float = 1.0e-3
+    """Learning rate of the prompt encoder's click parameters, on the same schedule: the point embeddings
+    (include, exclude, padding: three 256-vectors the box-trained model never used) and the mask-prompt layers
+    that embed the click map (SAM's, trained on mask logits, never on clicks)."""
     scale_lr: float = 1.0e-4
     """Learning rate of the decoder's learned activation scales."""
     warmup_steps: int = 50
@@ -209,7 +211,7 @@ class ClickConfig:
     val_max_objects: int = 128
     """Validation scores at most this many objects of those views (spread evenly): box + max_clicks decoder
     passes each."""
-    val_every_steps: int = 250
+    val_every_steps: int = 100
     checkpoint_every_steps: int = 100
     max_steps: int | None = None
     """Stop after this many steps (smoke tests); the run still checkpoints and validates."""
