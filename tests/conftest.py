@@ -153,6 +153,38 @@ def fp32_model_dir(tmp_path_factory: pytest.TempPathFactory, pretrained_model, d
 
 
 @pytest.fixture(scope="session")
+def box_only_model_dir(tmp_path_factory: pytest.TempPathFactory, fp32_model_dir: Path, pretrained_model) -> Path:
+    """A model folder as exported before clicks: the fp32 folder with a decoder whose inputs are `image_embedding`
+    and `boxes` only (what older folders, and the int8 model shipped before clicks, hold)."""
+    import shutil
+
+    import openvino as ov
+    import torch
+
+    from qmedsam.export.fp32 import name_io
+
+    class BoxOnlyDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image_embedding, boxes):
+            return self.model.decode(image_embedding, boxes.reshape(-1, 4))[0][:, 0]
+
+    old = tmp_path_factory.mktemp("models") / "old"
+    shutil.copytree(fp32_model_dir, old)
+    with torch.no_grad():
+        decoder = ov.convert_model(
+            BoxOnlyDecoder(pretrained_model),
+            example_input=(torch.zeros(1, 256, 64, 64), torch.tensor([[[10.0, 10.0, 90.0, 90.0]]])),
+            input=[[1, 256, 64, 64], [-1, 1, 4]],
+        )
+    name_io(decoder, ["image_embedding", "boxes"], "low_res_masks")
+    ov.save_model(decoder, str(old / "decoder.xml"), compress_to_fp16=False)
+    return old
+
+
+@pytest.fixture(scope="session")
 def ov_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ov_cache")
 

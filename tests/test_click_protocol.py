@@ -184,7 +184,7 @@ def test_3d_click_refines_the_slice_it_lands_on_even_outside_the_box_z_range(
         assert np.array_equal(run.segs[s], run.box_segs[s])
 
 
-def test_cli_refusals(demo_dir: Path, tmp_path: Path, capsys) -> None:
+def test_cli_refusals(demo_dir: Path, box_only_model_dir: Path, tmp_path: Path, capsys) -> None:
     base = ["evaluate", "--gt", str(demo_dir / "gts")]
     cases = ["--images", str(demo_dir / "cases")]
     refused = [
@@ -194,8 +194,11 @@ def test_cli_refusals(demo_dir: Path, tmp_path: Path, capsys) -> None:
         ([*base, "--images", str(tmp_path / "nope"), "--clicks", "1", "--out", str(tmp_path)], "is not a folder"),
         ([*base], "--pred is required"),
         ([*base, "--pred", str(tmp_path), "-m", "fp32"], "-m/--model apply with --clicks"),
-        # the shipped int8 model was trained with boxes only: refused before any case is run
-        ([*base, *cases, "--clicks", "1", "--out", str(tmp_path), "--precision", "f32"], "takes boxes only"),
+        # a model folder exported before clicks: refused before any case is run
+        (
+            [*base, *cases, "--clicks", "1", "--out", str(tmp_path), "-m", str(box_only_model_dir)],
+            "takes boxes only",
+        ),
     ]
     for argv, message in refused:
         assert main(argv) == 2, argv
