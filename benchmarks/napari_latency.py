@@ -5,6 +5,8 @@ drawing adds them, and each figure is the widget's own measurement from the rect
 Labels layer updated (before the screen redraw). Reported per model:
 - first box after choosing the model (model compile + encode + decode),
 - first box on a new 2D image (encode + decode), later boxes on it (decoder only), median;
+- a click on a drawn 2D box (the decoder alone, every click so far with the box), median of 5, when the model's
+  decoder takes clicks;
 - a 3D box over every slice of a volume (each slice encoded once), then a second box on the same slices.
 
     python benchmarks/napari_latency.py --fp32 runs/compare/fp32 [--json out.json]
@@ -38,6 +40,32 @@ def _draw(widget: SegmentWidget, boxes) -> list[float]:
     return shown
 
 
+def _click(viewer, widget: SegmentWidget, x: float, y: float, exclude: bool) -> float:
+    """A mouse click at image pixel (x, y) through napari's canvas handlers, as a user's (Shift: exclude)."""
+    from vispy.app.canvas import MouseEvent
+
+    widget.clicks_button.click()
+    world = widget.image_layer.data_to_world((y, x))
+    canvas = viewer.window._qt_viewer.canvas
+    position = (canvas.view.transform * canvas.view.scene.transform).map([world[-1], world[-2]])[:2]
+    modifiers = ("Shift",) if exclude else ()
+    canvas._on_mouse_press(MouseEvent("mouse_press", pos=position, modifiers=modifiers, button=1))
+    canvas._on_mouse_release(MouseEvent("mouse_release", pos=position, modifiers=modifiers, button=1))
+    widget.wait_until_idle()
+    return widget.timings[-1].shown_ms
+
+
+def _clicks(viewer, widget: SegmentWidget, box) -> list[float]:
+    """Five clicks on the first box's object, alternately include and exclude, inside its box."""
+    widget.boxes_layer.selected_data = {0}
+    x0, y0, x1, y1 = (float(v) for v in box)
+    spots = [(0.5, 0.5), (0.15, 0.15), (0.6, 0.4), (0.85, 0.85), (0.4, 0.6)]
+    return [
+        _click(viewer, widget, x0 + fx * (x1 - x0), y0 + fy * (y1 - y0), exclude=i % 2 == 1)
+        for i, (fx, fy) in enumerate(spots)
+    ]
+
+
 def measure(model: str, cases: Path, later: int) -> dict[str, float]:
     viewer = napari.Viewer(show=False)
     widget = SegmentWidget(viewer)
@@ -50,6 +78,8 @@ def measure(model: str, cases: Path, later: int) -> dict[str, float]:
     viewer.add_image(micro.image, name="micro", rgb=True)
     widget.image_combo.setCurrentText("micro")
     shown = _draw(widget, micro.boxes[: later + 1])
+    takes_clicks = getattr(widget._segmenter.engine, "takes_clicks", True)
+    clicked = _clicks(viewer, widget, micro.boxes[0]) if takes_clicks else [float("nan")]
     viewer.add_image(volume.image, name="volume")
     widget.image_combo.setCurrentText("volume")
     widget.z_from.setValue(0)
@@ -62,6 +92,7 @@ def measure(model: str, cases: Path, later: int) -> dict[str, float]:
         "first box after choosing the model (ms)": first_after_model,
         "first box on a new 512x512 image (ms)": shown[0],
         f"later boxes on it, median of {later} (ms)": statistics.median(shown[1:]),
+        "a click on a drawn box, median of 5 (ms)": statistics.median(clicked),
         f"3D box over {volume.image.shape[0]} slices, first (ms)": shown_3d[0],
         "3D box, second on the same slices (ms)": shown_3d[1],
     }

@@ -6,6 +6,7 @@ box counts that produced them, so two numbers are only compared when measured to
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import time
@@ -51,8 +52,13 @@ class EngineConfig:
         return load_engine(self.model_dir or "fp32", precision=self.precision, threads=num_threads)
 
 
+CLICKS_TIMED = 5
+"""`decoder_1_box_5_clicks_ms`: one box with this many clicks, the decoder call behind each click of a user."""
+
+
 def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ...] = (1, 16)) -> dict[str, float]:
-    """Median ms of one encode and of one decode call with each box count, on a fixed random input."""
+    """Median ms of one encode and of one decode call with each box count, on a fixed random input; for a
+    decoder that takes clicks also one box with `CLICKS_TIMED` clicks (NaN for one that does not)."""
     rng = np.random.default_rng(0)
     image = rng.random((1, 3, 256, 256), dtype=np.float32)
     embedding = engine.encode(image)
@@ -65,6 +71,14 @@ def time_components(engine: Engine, repeats: int = 10, box_counts: tuple[int, ..
         decoder = samples_ms(lambda b=boxes: engine.decode(embedding, b), repeats)
         result[f"decoder_{count}_ms"] = statistics.median(decoder)
         result[f"decoder_{count}_spread_ms"] = spread(decoder)
+    key = f"decoder_1_box_{CLICKS_TIMED}_clicks_ms"
+    result[key] = result[key.replace("_ms", "_spread_ms")] = math.nan
+    if getattr(engine, "takes_clicks", True):
+        box = np.array([[40.0, 50.0, 140.0, 170.0]], np.float32)
+        points = rng.uniform((40, 50), (140, 170), size=(1, CLICKS_TIMED, 2)).astype(np.float32)
+        labels = (np.arange(CLICKS_TIMED) % 2).astype(np.float32).reshape(1, -1)
+        decoder = samples_ms(lambda: engine.decode(embedding, box, points, labels), repeats)
+        result[key], result[key.replace("_ms", "_spread_ms")] = statistics.median(decoder), spread(decoder)
     return result
 
 
