@@ -96,7 +96,10 @@ def test_export_puts_the_click_decoder_beside_its_encoder(click_run: Path, small
     parity = meta["parity_vs_torch"]["f32"]
     for key in ("decoder_teacher_forced", "decoder_with_clicks"):
         assert parity[key]["mask_dice_mean"] >= parity[key]["required"] >= 0.95
-    assert meta["int8_coverage"]["decoder"]["int8_fraction"] >= 0.9
+    coverage = meta["int8_coverage"]["decoder"]
+    assert coverage["int8_fraction"] >= 0.9
+    # the click map's mask-prompt convolutions stay float by design: listed apart, not counted against coverage
+    assert coverage["float_prompt_encoder_layers"].get("Convolution:f32", 0) >= 3
     case = read_case(small_cases_dir / "2D_CT_TotalSeg_0001.npz")
     segmenter = Segmenter(out)
     segmenter.set_image(case.image)

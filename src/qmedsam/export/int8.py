@@ -14,6 +14,7 @@ meta.json, next to the quant spec and the calibration summary.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from qmedsam.export.fp32 import base_meta, example_decoder_inputs, name_io, writ
 from qmedsam.export.int8_parity import ParityThresholds, encoder_units, int8_parity
 from qmedsam.export.parity import ParitySample, compare_engines
 from qmedsam.export.staging import staged_directory
-from qmedsam.inference.runtime import OpenVINOEngine, layer_precisions
+from qmedsam.inference.runtime import HEAVY_LAYER_TYPES, OpenVINOEngine, layer_precisions
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,33 @@ def attention_subgraphs(compiled, original) -> dict[str, int]:
     return counts
 
 
+FLOAT_BY_DESIGN = re.compile(r"(^|[./])prompt_encoder[./]")
+"""Layers of the decoder IR that come from the prompt encoder alone (the click map's mask-prompt convolutions,
+the clicks' Fourier features) stay float by design (`qmedsam.model.sam_decoder`); coverage counts the mask
+decoder's layers. Their original names: `/prompt_encoder/...` from ONNX, `__module.model.prompt_encoder.` from
+PyTorch."""
+
+
+def prompt_encoder_layers(compiled) -> dict[str, int]:
+    """Heavy runtime layers whose original PyTorch ops all belong to the prompt encoder, `Type:precision`."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer_type = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        if layer_type not in HEAVY_LAYER_TYPES or "originalLayersNames" not in info:
+            continue
+        names = [name for name in info["originalLayersNames"].astype(str).split(",") if name]
+        if names and all(FLOAT_BY_DESIGN.search(name) for name in names):
+            key = f"{layer_type}:{info['runtimePrecision'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def int8_coverage(model_dir: Path) -> dict[str, dict]:
     """Per part: runtime precision of each Convolution/FullyConnected/MatMul(-like) layer and of the fused
     attention subgraphs, read back from the CPU plugin with the f32 hint (so a layer left unquantized
-    shows up as f32, not as bf16), and the share of them that runs in i8/u8."""
+    shows up as f32, not as bf16), and the share of them that runs in i8/u8. The decoder's prompt-encoder
+    layers (float by design) are listed apart and not counted."""
     import openvino as ov
 
     core = ov.Core()
@@ -210,7 +234,13 @@ def int8_coverage(model_dir: Path) -> dict[str, dict]:
             original, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         )
         counts = {**layer_precisions(compiled), **attention_subgraphs(compiled, original)}
+        prompt = prompt_encoder_layers(compiled) if part == "decoder" else {}
+        for key, n in prompt.items():
+            counts[key] -= n
+        counts = {key: n for key, n in counts.items() if n}
         coverage[part] = {"layers": dict(sorted(counts.items())), "int8_fraction": round(int8_fraction(counts), 4)}
+        if prompt:
+            coverage[part]["float_prompt_encoder_layers"] = dict(sorted(prompt.items()))
     return coverage
 
 

@@ -127,9 +127,10 @@ class PromptEncoder(nn.Module):
     def embed_click_map(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w): how the clicks change the dense embedding. The mask-prompt layers see one 4x4 patch per
         embedding cell, so subtracting their output on an empty map makes the change exactly 0 wherever no click
-        is near, and a box's dense embedding with no clicks (N = 0, or all padding) is exactly the no-mask one."""
-        click_map = self.click_map(points, labels)
-        return self.mask_downscaling(click_map) - self.mask_downscaling(torch.zeros_like(click_map[:1]))
+        is near, and a box's dense embedding with no clicks (N = 0, or all padding) is exactly the no-mask one.
+        The empty map is a constant, so an exported graph folds its half away."""
+        empty = torch.zeros((1, 1, *self.input_image_size), dtype=self.no_mask_embed.weight.dtype)
+        return self.mask_downscaling(self.click_map(points, labels)) - self.mask_downscaling(empty)
 
     def forward(
         self, boxes: torch.Tensor, points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None
