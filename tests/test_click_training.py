@@ -162,3 +162,21 @@ def test_the_click_disk_loss_weighs_only_the_pixels_near_each_click():
     loss = disk_bce(logits, target, disks)
     assert loss[0] < 1e-6 and loss[2] == 0.0  # no clicks: no term
     assert disk_bce(-logits, target, disks)[0] > 10.0  # wrong at the click
+
+
+def test_with_the_decoder_frozen_only_the_click_parts_train(train_tree_dir: Path, tmp_path: Path):
+    """train_decoder=false: the mask decoder and the box path stay exactly the starting model's (a box alone
+    gives the same mask), while the point embeddings and the click map's layers learn."""
+    from qmedsam.model.litemedsam import load_pretrained_litemedsam
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(CONFIG), "--set", f"data_root={train_tree_dir}", f"out_dir={out}", *SMALL]
+    assert main([*argv, "quantized_training=false", "train_decoder=false", "max_clicks=3", "steps=2"]) == 0
+    trained = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    start = load_pretrained_litemedsam().state_dict()
+    changed = {name for name, value in start.items() if not torch.equal(value, trained[name])}
+    assert changed and all(name.startswith("prompt_encoder.") for name in changed), sorted(changed)[:5]
+    assert any("mask_downscaling" in name for name in changed)
+    assert not any(
+        name.startswith(("prompt_encoder.point_embeddings.2", "prompt_encoder.point_embeddings.3")) for name in changed
+    )  # the box corners

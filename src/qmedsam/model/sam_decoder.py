@@ -127,8 +127,9 @@ class PromptEncoder(nn.Module):
     def embed_click_map(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w): how the clicks change the dense embedding. The mask-prompt layers see one 4x4 patch per
         embedding cell, so subtracting their output on an empty map makes the change exactly 0 wherever no click
-        is near, and a box's dense embedding with no clicks (N = 0, or all padding) is exactly the no-mask one.
-        The empty map is a constant, so an exported graph folds its half away."""
+        is near, and a box's dense embedding with no clicks (N = 0, or all padding) is exactly the no-mask one."""
+        # The same computation on an empty map of the same size, so the difference is exactly 0 away from clicks
+        # (the embedding of a smaller empty patch differs in the last bits).
         empty = torch.zeros((1, 1, *self.input_image_size), dtype=self.no_mask_embed.weight.dtype)
         return self.mask_downscaling(self.click_map(points, labels)) - self.mask_downscaling(empty)
 

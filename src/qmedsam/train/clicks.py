@@ -138,15 +138,17 @@ class Trainable:
     points: list[nn.Parameter]
 
 
-def trainable_parameters(model: nn.Module) -> Trainable:
+def trainable_parameters(model: nn.Module, train_decoder: bool = True) -> Trainable:
+    """The click parts always; the mask decoder's weights and scales only with `train_decoder`."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     prompt = model.prompt_encoder
     points = [prompt.point_embeddings[0].weight, prompt.point_embeddings[1].weight, prompt.not_a_point_embed.weight]
     points += list(prompt.mask_downscaling.parameters())
-    scales = [p for n, p in model.mask_decoder.named_parameters() if "quant" in n]
+    decoder = list(model.mask_decoder.named_parameters()) if train_decoder else []
+    scales = [p for n, p in decoder if "quant" in n]
     scale_ids = {id(p) for p in scales}
-    weights = [p for p in model.mask_decoder.parameters() if id(p) not in scale_ids]
+    weights = [p for _, p in decoder if id(p) not in scale_ids]
     for parameter in weights + scales + points:
         parameter.requires_grad_(True)
     return Trainable(weights, scales, points)
@@ -255,16 +257,20 @@ def interaction_loss(
     boxes = _to_torch(training_boxes(truths, resized, config.bbox_shift, rng))
     embeddings = _to_torch(views.student(view_ids))
     target = _to_torch(truths[:, None].astype(np.float32))
-    logits = model.decode(embeddings, boxes)[0]
+    if not config.train_decoder:  # nothing the box path uses trains: its mask only places the first click
+        with torch.no_grad():
+            logits = model.decode(embeddings, boxes)[0]
+    else:
+        logits = model.decode(embeddings, boxes)[0]
     box_loss = torch.zeros(len(objects))
-    if config.teacher_weight:
+    if config.train_decoder and config.teacher_weight:
         with torch.no_grad():
             teacher_logits = teacher.decode(_to_torch(views.teacher(view_ids)), boxes)[0]
         box_loss = box_loss + config.teacher_weight * soft_bce(logits, teacher_logits)
-    if config.box_gt_weight:
+    if config.train_decoder and config.box_gt_weight:
         box_loss = box_loss + config.box_gt_weight * segmentation_loss(logits, target)
-    losses = [box_loss.mean()]
-    weights = [float(len(objects))]
+    losses = [box_loss.mean()] if config.train_decoder else []
+    weights = [float(len(objects))] if config.train_decoder else []
     interaction = Interaction.start(rng.integers(0, config.max_clicks + 1, size=len(objects)))
     predictions = (logits.detach()[:, 0] > 0).numpy()
 
@@ -285,8 +291,15 @@ def interaction_loss(
         losses.append(click_loss.mean())
         weights.append(float(len(active)))
         predictions = (logits.detach()[:, 0] > 0).numpy()
+    click_steps = weights[1:] if config.train_decoder else weights
+    if not losses:  # no object got a click: a zero loss that still reaches the trainable parameters
+        return 0.0 * sum(p.sum() for p in model.prompt_encoder.mask_downscaling.parameters()), {
+            "box_loss": 0.0,
+            "click_steps": 0.0,
+        }
     total = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
-    return total, {"box_loss": float(losses[0].detach()), "click_steps": float(sum(weights[1:]))}
+    box_loss = float(losses[0].detach()) if config.train_decoder else 0.0
+    return total, {"box_loss": box_loss, "click_steps": float(sum(click_steps))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,8 +467,10 @@ class ClickTrainer:
                 self.summary |= _calibrate_decoder(self.model, self.train_views, config.calib_views, self.rng)
         else:
             self.model = float_start(source)
-        trainable = trainable_parameters(self.model)
-        groups = [{"params": trainable.weights, "lr": config.lr}, {"params": trainable.points, "lr": config.point_lr}]
+        trainable = trainable_parameters(self.model, config.train_decoder)
+        groups = [{"params": trainable.points, "lr": config.point_lr}]
+        if trainable.weights:
+            groups.insert(0, {"params": trainable.weights, "lr": config.lr})
         if trainable.scales:
             groups.append({"params": trainable.scales, "lr": config.scale_lr})
         self.optimizer = torch.optim.Adam(groups)

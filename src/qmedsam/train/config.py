@@ -172,6 +172,10 @@ class ClickConfig:
     calibrated to int8 on the training views for every checkpoint (what export takes); validation during the
     run scores the float decoder, a last one the int8 decoder. True: the int8 (fake-quant) decoder trains, as
     it will run."""
+    train_decoder: bool = True
+    """False: the mask decoder stays frozen and only the prompt encoder's click parts train (point embeddings,
+    the click map's layers), so a box alone gives exactly the starting model's mask (the box path uses none of
+    them); no box-only loss is needed."""
     slice_stride: int = 2
     """Every this-many-th labelled slice of a volume (neighbours are near copies)."""
     views_per_slice: int = 2
