@@ -28,7 +28,7 @@ from qmedsam.export.fp32 import base_meta, example_decoder_inputs, name_io, writ
 from qmedsam.export.int8_parity import ParityThresholds, encoder_units, int8_parity
 from qmedsam.export.parity import ParitySample, compare_engines
 from qmedsam.export.staging import staged_directory
-from qmedsam.inference.runtime import HEAVY_LAYER_TYPES, OpenVINOEngine, layer_precisions
+from qmedsam.inference.runtime import OpenVINOEngine, layer_precisions
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +206,7 @@ PyTorch."""
 
 def prompt_encoder_layers(compiled) -> dict[str, int]:
     """Heavy runtime layers whose original PyTorch ops all belong to the prompt encoder, `Type:precision`."""
-    counts: dict[str, int] = {}
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        layer_type = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-        if layer_type not in HEAVY_LAYER_TYPES or "originalLayersNames" not in info:
-            continue
-        names = [name for name in info["originalLayersNames"].astype(str).split(",") if name]
-        if names and all(FLOAT_BY_DESIGN.search(name) for name in names):
-            key = f"{layer_type}:{info['runtimePrecision'].astype(str)}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+    return layer_precisions(compiled, lambda names: bool(names) and all(FLOAT_BY_DESIGN.search(n) for n in names))
 
 
 def int8_coverage(model_dir: Path) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -160,14 +161,19 @@ class OpenVINOEngine:
 HEAVY_LAYER_TYPES = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 
 
-def layer_precisions(compiled) -> dict[str, int]:
-    """Read what the CPU plugin really runs: `runtimePrecision` of each heavy layer (never assume)."""
+def layer_precisions(compiled, origin: Callable[[list[str]], bool] | None = None) -> dict[str, int]:
+    """Read what the CPU plugin really runs: `runtimePrecision` of each heavy layer (never assume); with
+    `origin`, only the layers whose original op names (`originalLayersNames`) it accepts."""
     counts: dict[str, int] = {}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         layer_type = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         if layer_type not in HEAVY_LAYER_TYPES:
             continue
+        if origin is not None:
+            names = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+            if not origin([name for name in names if name]):
+                continue
         precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "unknown"
         key = f"{layer_type}:{precision}"
         counts[key] = counts.get(key, 0) + 1

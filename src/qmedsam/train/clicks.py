@@ -257,10 +257,7 @@ def interaction_loss(
     boxes = _to_torch(training_boxes(truths, resized, config.bbox_shift, rng))
     embeddings = _to_torch(views.student(view_ids))
     target = _to_torch(truths[:, None].astype(np.float32))
-    if not config.train_decoder:  # nothing the box path uses trains: its mask only places the first click
-        with torch.no_grad():
-            logits = model.decode(embeddings, boxes)[0]
-    else:
+    with torch.set_grad_enabled(config.train_decoder):  # frozen: the box's mask only places the first click
         logits = model.decode(embeddings, boxes)[0]
     box_loss = torch.zeros(len(objects))
     if config.train_decoder and config.teacher_weight:
