@@ -144,13 +144,14 @@ def test_cli_click_0_is_predict_then_evaluate_bad_cases_reported_and_runs_repeat
         assert first == second
 
 
-def test_3d_click_refines_the_slice_it_lands_on_even_outside_the_box_z_range(
+def test_3d_clicks_give_what_segmenter_predict_gives_for_the_box_and_its_clicks(
     demo_dir: Path, engine, tmp_path: Path
 ) -> None:
     """A 4-slice cut of the demo CT volume; the first object moved last (nothing paints over it) with its box
     shortened to slice 0 while its ground truth fills all four: its first click is an include on a slice outside
-    the box's z range (the missed slices 1..3 are the deepest error, 3 mm slices), and that slice's mask is the
-    box with that click, as `Segmenter.predict` gives."""
+    the box's z range (the missed slices 1..3 are the deepest error, 3 mm slices), which re-decodes that slice
+    and carries nowhere (outside the box's z range). Every object's mask after its clicks is what
+    `Segmenter.predict` gives for its 3D box and the same clicks, carried slices included."""
     with np.load(demo_dir / "cases" / "3D_CT_TotalSeg_0001.npz") as data:
         volume, boxes, spacing = data["imgs"][10:14], data["boxes"].copy(), data["spacing"]
     gt = read_ground_truth(demo_dir / "gts" / "3D_CT_TotalSeg_0001.npz")[10:14]
@@ -164,24 +165,33 @@ def test_3d_click_refines_the_slice_it_lands_on_even_outside_the_box_z_range(
     assert (relabelled == 6).any(axis=(1, 2)).all()  # object 6 on all four slices
     np.savez_compressed(tmp_path / "3D_CT_Cut_0001.npz", imgs=volume, boxes=boxes, spacing=spacing)
     case = read_case(tmp_path / "3D_CT_Cut_0001.npz")
+    spacing_zyx = tuple(float(s) for s in spacing)
 
-    run = run_clicks(engine, case, relabelled, 1, spacing=tuple(float(s) for s in spacing))
+    run = run_clicks(engine, case, relabelled, 2, spacing=spacing_zyx)
     assert np.array_equal(run.box_segs, segment_case(engine, case))  # click 0: predict's fixed-box rule
     assert not (run.box_segs[1:] == 6).any()  # the short box predicts nothing on slices 1..3
-    assert len(run.scores) == 2 and run.clicks_placed[0] == 0
+    assert len(run.scores) == 3 and run.clicks_placed[0] == 0
     assert run.encoded_slices == 4  # every slice once, clicks included
-    assert run.decoder_calls == 4 + run.clicks_placed[1]
-    (click,) = run.clicks[5]
+    assert run.decoder_calls >= 4 + sum(run.clicks_placed)  # one per click, plus the slices it carried to
+    click = run.clicks[5][0]
     assert click.label == INCLUDE and click.position[0] >= 1 and relabelled[click.position] == 6
-    z, y, x = click.position
     segmenter = Segmenter(engine=engine)
     segmenter.set_image(volume)
-    expected = segmenter.predict(boxes[5, [0, 1, 3, 4]], points=[[x, y]], point_labels=[1], z=z)
-    assert expected.any()
-    assert np.array_equal(run.segs[z] == 6, expected)
-    unchanged = [s for s in range(4) if all(c.position[0] != s for c in sum(run.clicks, []))]
-    for s in unchanged:  # slices no click landed on keep their click-0 masks
-        assert np.array_equal(run.segs[s], run.box_segs[s])
+    carried_somewhere = False
+    for index, clicks in enumerate(run.clicks):
+        points = [[c.position[2], c.position[1], c.position[0]] for c in clicks]
+        labels = [c.label for c in clicks]
+        expected = segmenter.predict(boxes[index], points=points, point_labels=labels, spacing=spacing_zyx)
+        alone = segmenter.predict(boxes[index])
+        if index == 5:
+            assert np.array_equal(run.segs == 6, expected)  # painted last: its label is exactly its mask
+            assert expected[click.position[0]].any()
+        else:  # painted under later objects: where it shows, it is its mask
+            shown = run.segs == index + 1
+            assert not (shown & ~expected).any()
+        clicked = {c.position[0] for c in clicks}
+        carried_somewhere |= any(not np.array_equal(expected[z], alone[z]) for z in set(range(4)) - clicked)
+    assert carried_somewhere  # some click's correction reached a slice it did not land on
 
 
 def test_cli_refusals(demo_dir: Path, box_only_model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -142,15 +142,29 @@ def test_clicks_map_into_model_space_like_the_image():
     assert points.dtype == np.float64 and labels.dtype == np.float32 and labels.tolist() == [1.0, 0.0]
 
 
-def test_predict_refuses_half_a_click_and_clicks_with_a_3d_box(fp32_model_dir, ov_cache_dir):
+def test_predict_refuses_half_a_click_and_bad_volume_clicks_by_name(fp32_model_dir, ov_cache_dir):
     segmenter = Segmenter(engine=OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir))
     segmenter.set_image(np.zeros((3, 32, 32), np.uint8))
-    with pytest.raises(UserFacingError, match="points and point_labels go together"):
-        segmenter.predict([1, 1, 0, 9, 9, 2], points=[[2, 2]])
-    with pytest.raises(UserFacingError, match="clicks refine one slice"):
-        segmenter.predict([1, 1, 0, 9, 9, 2], points=[[2, 2]], point_labels=[1])
+    box_3d = [1, 1, 0, 9, 9, 2]
+    refused = [
+        ({"points": [[2, 2]]}, UserFacingError, "points and point_labels go together"),
+        ({"points": [[2, 2]], "point_labels": [1]}, CaseError, r"shape \(1, 2\); expected \(N, 3\) as \(x, y, z\)"),
+        ({"points": [[2, 2, 1.5]], "point_labels": [1]}, CaseError, "z = 1.5; expected a slice index 0..2"),
+        ({"points": [[2, 2, 3]], "point_labels": [1]}, CaseError, "point 0 has z = 3.0; expected a slice index"),
+        ({"points": [[40, 2, 1]], "point_labels": [1]}, CaseError, "outside the 32x32 image"),
+        ({"points": [[2, 2, 1]], "point_labels": [1], "spacing": [1, 0, 1]}, UserFacingError, "3 positive numbers"),
+    ]
+    for arguments, error, message in refused:
+        with pytest.raises(error, match=message):
+            segmenter.predict(box_3d, **arguments)
     with pytest.raises(CaseError, match="outside the 32x32 image"):
         segmenter.predict([1, 1, 9, 9], points=[[40, 2]], point_labels=[1], z=1)
+    with pytest.raises(UserFacingError, match="spacing applies to a 3D box"):
+        segmenter.predict([1, 1, 9, 9], points=[[2, 2]], point_labels=[1], z=1, spacing=[1, 1, 1])
+    # no clicks: the 3D box's fixed-box mask, with or without an empty click list
+    np.testing.assert_array_equal(
+        segmenter.predict(box_3d, points=np.zeros((0, 3)), point_labels=[]), segmenter.predict(box_3d)
+    )
 
 
 def test_a_model_folder_from_before_clicks_serves_boxes_and_refuses_clicks(

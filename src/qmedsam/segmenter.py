@@ -19,10 +19,11 @@ from typing import Literal
 import numpy as np
 
 from qmedsam.data.cases import Case, case_from_arrays, image_dimension, validated_image
-from qmedsam.data.clicks import scale_points, validated_clicks
+from qmedsam.data.clicks import scale_points, validated_clicks, validated_volume_clicks
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.engines import ModelChoice, load_engine, resolve_model_dir
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.click_reach import VolumeClicks
 from qmedsam.inference.from_slice import (
     FromSliceResult,
     PlaneSlices,
@@ -197,6 +198,7 @@ class Segmenter:
         points: np.ndarray | list | None = None,
         point_labels: np.ndarray | list | None = None,
         z: int | None = None,
+        spacing: tuple[float, float, float] | list[float] | np.ndarray | None = None,
     ) -> np.ndarray:
         """Boolean mask of one box on the image given to `set_image`, refined by clicks.
 
@@ -205,6 +207,10 @@ class Segmenter:
         `points` (N, 2) are (x, y) pixel coordinates on the same image (or slice `z`), `point_labels` (N,) 1 =
         include, 0 = exclude; the box stays (clicks refine a boxed object). Without points, exactly the mask
         `segment_2d` paints for the box.
+        With a 3D box, `points` (N, 3) are (x, y, z) voxel coordinates, applied in order: each re-decodes its
+        slice (the box's xy extent and the clicks on that slice so far) and carries to the neighbouring slices
+        of the box's z range its correction reaches (qmedsam.inference.click_reach); `spacing` (z, y, x) in mm
+        makes that reach physical (default: cubic voxels). Stateless: the same inputs give the same mask.
         """
         if self._encoder is None or self._dimension is None:
             raise UserFacingError("call set_image(image) before predict(box)")
@@ -212,27 +218,50 @@ class Segmenter:
         box = np.asarray(box, dtype=np.float64).ravel()
         if (points is None) != (point_labels is None):
             raise UserFacingError("predict: points and point_labels go together (one label per point)")
+        if spacing is not None and (self._dimension == 2 or box.size != 6):
+            raise UserFacingError("predict: spacing applies to a 3D box with clicks (how far a click carries)")
+        if self._dimension == 3 and box.size == 6:
+            if z is not None:
+                raise UserFacingError("predict: give a 3D box [x0, y0, z0, x1, y1, z1] or a 2D box with z, not both")
+            return self._volume_mask(box, points, point_labels, validated_spacing(spacing, "predict"))
         clicks = validated_clicks(points, point_labels, volume.shape[1:3], "predict") if points is not None else None
         if self._dimension == 2:
             if z not in (None, 0):
                 raise UserFacingError(f"predict: z={z} given for a 2D image")
             return self._slice_mask(box, 0, "predict", clicks)
-        if box.size == 6:
-            if z is not None:
-                raise UserFacingError("predict: give a 3D box [x0, y0, z0, x1, y1, z1] or a 2D box with z, not both")
-            if clicks is not None and len(clicks[0]):
-                raise UserFacingError("predict: clicks refine one slice; give a 2D box with z and the clicks on it")
-            case = case_from_arrays(volume, box[None], 3, "predict")
-            (x0, y0, z0, x1, y1, z1) = case.boxes[0]
-            mask = np.zeros(volume.shape, dtype=bool)
-            for slice_z in range(z0, z1 + 1):
-                mask[slice_z] = self._slice_mask(np.array([x0, y0, x1, y1], dtype=np.float64), slice_z, "predict")
-            return mask
         if z is None:
             raise UserFacingError("predict: a 2D box on a volume needs z (the slice index)")
         if not 0 <= int(z) < volume.shape[0]:
             raise UserFacingError(f"predict: z={z} outside the volume (0..{volume.shape[0] - 1})")
         return self._slice_mask(box, int(z), "predict", clicks)
+
+    def _volume_mask(
+        self,
+        box: np.ndarray,
+        points: object,
+        point_labels: object,
+        spacing: tuple[float, float, float] | None,
+    ) -> np.ndarray:
+        """A 3D box's mask by the fixed-box rule, then its clicks applied in order (`VolumeClicks`)."""
+        assert self._encoder is not None
+        volume = self._encoder.volume
+        case = case_from_arrays(volume, box[None], 3, "predict")
+        (x0, y0, z0, x1, y1, z1) = case.boxes[0]
+        xy_box = np.array([x0, y0, x1, y1], dtype=np.float64)
+        masks = {s: self._slice_mask(xy_box, s, "predict") for s in range(int(z0), int(z1) + 1)}
+        if points is not None:
+            xy, slices, labels = validated_volume_clicks(points, point_labels, volume.shape, "predict")
+
+            def decode(here: int, clicked: np.ndarray, clicked_labels: np.ndarray) -> np.ndarray:
+                return self._slice_mask(xy_box, here, "predict", (clicked, clicked_labels))
+
+            clicks = VolumeClicks(decode, masks, (int(z0), int(z1)), spacing or (1.0, 1.0, 1.0))
+            for (x, y), here, label in zip(xy, slices, labels, strict=True):
+                clicks.apply(int(here), float(y), float(x), int(label))
+        mask = np.zeros(volume.shape, dtype=bool)
+        for here, slice_mask in masks.items():
+            mask[here] = slice_mask
+        return mask
 
     def _slice_mask(
         self, box: np.ndarray, z: int, source: str, clicks: tuple[np.ndarray, np.ndarray] | None = None

@@ -50,6 +50,33 @@ def validated_clicks(
     return points, labels.astype(np.float32)
 
 
+def validated_volume_clicks(
+    points: object, point_labels: object, shape: tuple[int, int, int], source: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clicks on a volume of `shape` (D, H, W): `points` (N, 3) as (x, y, z), z a slice index. Returns (N, 2)
+    float64 (x, y), (N,) int64 slices and (N,) float32 labels; N may be 0."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CaseError(f"{source}: points and point_labels must be numbers ({exc})") from None
+    if array.size == 0:
+        xy, labels = validated_clicks(array.reshape(0, 2), point_labels, shape[1:], source)
+        return xy, np.zeros(0, np.int64), labels
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise CaseError(
+            f"{source}: points has shape {array.shape}; expected (N, 3) as (x, y, z) voxel coordinates with a 3D box"
+        )
+    xy, labels = validated_clicks(array[:, :2], point_labels, shape[1:], source)
+    z = array[:, 2]
+    wrong = ~np.isfinite(z) | (z != np.round(z)) | (z < 0) | (z > shape[0] - 1)
+    if wrong.any():
+        bad = int(np.flatnonzero(wrong)[0])
+        raise CaseError(
+            f"{source}: point {bad} has z = {z[bad]}; expected a slice index 0..{shape[0] - 1} (a whole number)"
+        )
+    return xy, z.astype(np.int64), labels
+
+
 def scale_points(points: np.ndarray, geometry: Geometry) -> np.ndarray:
     """(N, 2) pixel indices in the original image -> model space: the same pixel's centre, scaled like the image
     (the prompt encoder adds the half pixel back)."""

@@ -9,10 +9,12 @@ The protocol, deterministic (same model, same inputs: same numbers):
   current mask against its ground truth (label i+1 for box i) places one click: the interior point of the
   largest error region farthest from its border, include where the mask misses, exclude where it overshoots
   (3D with the case's spacing). All of the object's clicks so far go to the decoder with its box (the decoder
-  is stateless; clicks accumulate). 2D re-decodes the image. 3D re-decodes only the slice the click landed on,
-  with the object's xy box and its clicks on that slice; a slice outside the box's z range is predicted the
-  same way (the object's xy box and its clicks there). An object whose mask is exact gets no more clicks and
-  keeps its mask;
+  is stateless; clicks accumulate). 2D re-decodes the image. 3D re-decodes the slice the click landed on, with
+  the object's xy box and its clicks on that slice (a slice outside the box's z range the same way), then
+  carries the click to its neighbours as `Segmenter.predict` does (qmedsam.inference.click_reach: the same
+  (y, x) on each next slice up and down, within the box's z range, as far in mm as the click's correction
+  reached in-plane, stopping where the mask already agrees with the click). An object whose mask is exact gets
+  no more clicks and keeps its mask;
 - after each round of clicks the case's label map (objects painted in box order, later ones on top, as
   predict writes it) is scored with `evaluate_arrays`: the same case DSC (mean over labels 1..max(gt)) and NSD
   rule as `qmedsam evaluate`;
@@ -55,6 +57,7 @@ from qmedsam.evaluate.metrics import (
     resolve_spacing,
 )
 from qmedsam.files import atomic_write_bytes
+from qmedsam.inference.click_reach import SliceDecoder, VolumeClicks
 from qmedsam.inference.runtime import Engine
 from qmedsam.inference.segment import DEFAULT_BATCH, SliceEncoder
 
@@ -151,7 +154,12 @@ class _Objects:
         self.count = len(self.xy_boxes)
         self.encoder = SliceEncoder(engine, self.volume, max_cached=max(1, self.volume.shape[0]))
         self.masks: list[dict[int, np.ndarray]] = [{} for _ in range(self.count)]
-        self.slice_clicks: list[dict[int, list[Click]]] = [{} for _ in range(self.count)]
+        # 2D: one slice, no neighbours to carry a click to (a z range of 0..0)
+        carry_spacing = self.spacing if self.spacing is not None else (1.0, 1.0, 1.0)
+        self.volume_clicks = [
+            VolumeClicks(self._slice_decoder(i), self.masks[i], (int(z0), int(z1)), carry_spacing)
+            for i, (z0, z1) in enumerate(self.z_ranges)
+        ]
         self.clicks: list[list[Click]] = [[] for _ in range(self.count)]
         self.segs = np.zeros(self.volume.shape[:3], dtype=segmentation_dtype(self.count))
         self.truth_boxes = ndimage.find_objects(_label_array(self.gt), max_label=self.count) if self.count else []
@@ -213,24 +221,26 @@ class _Objects:
         return Click(offset, click.label)
 
     def apply(self, index: int, click: Click) -> None:
-        """Re-decode the slice `click` (z, y, x) landed on with the object's xy box and all its clicks there."""
-        z = click.position[0]
+        """Re-decode the slice `click` (z, y, x) landed on with the object's xy box and all its clicks there; in
+        3D, repeat it on the neighbouring slices its correction reaches (qmedsam.inference.click_reach)."""
         self.clicks[index].append(Click(click.position[1:] if self.dimension == 2 else click.position, click.label))
-        on_slice = self.slice_clicks[index].setdefault(z, [])
-        on_slice.append(click)
-        embedding = self.encoder(z)
-        geometry = self.encoder.geometry
-        points = np.array([[c.position[2], c.position[1]] for c in on_slice], dtype=np.float64)
-        labels = np.array([[c.label for c in on_slice]], dtype=np.float32)
-        logits = self.engine.decode(
-            embedding,
-            scale_boxes(self.xy_boxes[index : index + 1], geometry),
-            scale_points(points, geometry)[None],
-            labels,
-        )
-        self.decoder_calls += 1
-        self.masks[index][z] = postprocess_logits(logits, geometry)[0]
-        self.dirty.add(z)
+        z, y, x = click.position
+        self.dirty.update(self.volume_clicks[index].apply(z, y, x, click.label))
+
+    def _slice_decoder(self, index: int) -> SliceDecoder:
+        def decode(z: int, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            embedding = self.encoder(z)
+            geometry = self.encoder.geometry
+            logits = self.engine.decode(
+                embedding,
+                scale_boxes(self.xy_boxes[index : index + 1], geometry),
+                scale_points(points, geometry)[None],
+                labels[None],
+            )
+            self.decoder_calls += 1
+            return postprocess_logits(logits, geometry)[0]
+
+        return decode
 
     def label_map(self) -> np.ndarray:
         """The case's label map with every object's current mask (slices changed by clicks repainted)."""

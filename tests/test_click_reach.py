@@ -1,0 +1,70 @@
+"""How far a 3D click carries to neighbouring slices (qmedsam.inference.click_reach), on synthetic masks: the
+rule the protocol and `Segmenter.predict` share. The real-model path is in test_click_protocol.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmedsam.inference.click_reach import VolumeClicks, carried_slices, click_reach_mm
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_reach_is_the_in_plane_depth_of_what_the_click_changed():
+    before = np.zeros((40, 40), bool)
+    after = _disc((40, 40), (20, 20), 6)
+    # the click at the centre of a disc of radius 6 px it added: ~7 px to the border (the first pixel outside)
+    assert 6.0 <= click_reach_mm(before, after, (20, 20), (1.0, 1.0)) <= 7.0
+    assert 12.0 <= click_reach_mm(before, after, (20, 20), (2.0, 2.0)) <= 14.0  # in mm
+    assert click_reach_mm(before, after, (2, 2), (1.0, 1.0)) == 0.0  # nothing changed where it clicked
+    # only the changed part connected to the click counts
+    far = after | _disc((40, 40), (3, 3), 2)
+    assert click_reach_mm(before, far, (20, 20), (1.0, 1.0)) == click_reach_mm(before, after, (20, 20), (1.0, 1.0))
+    # the image edge is a border: a change running off the image is shallow at the edge
+    assert click_reach_mm(before, np.ones((40, 40), bool), (0, 20), (1.0, 1.0)) == 1.0
+
+
+def test_a_click_carries_within_its_reach_and_the_z_range_until_the_mask_agrees():
+    shape = (10, 10)
+    empty, full = np.zeros(shape, bool), np.ones(shape, bool)
+    masks = {z: empty for z in range(20)}
+
+    def slices(reach, z_range=(0, 19), label=1, z=10):
+        return carried_slices(z, reach, 3.0, z_range, (5, 5), label, masks.get)
+
+    assert slices(0.0) == [] and slices(2.9) == []  # less than one slice away
+    assert slices(6.5) == [11, 12, 9, 8]  # two 3 mm slices each way, up first, nearest first
+    assert slices(30.0, z_range=(8, 11)) == [11, 9, 8]  # never past the box's z range
+    masks[12] = full  # an include click: the mask already covers the point there, so that error ends at 11
+    assert slices(30.0) == [11, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert slices(30.0, label=0) == []  # an exclude click where the mask is already empty: nothing to carry
+    # no mask on a slice is an empty one; 30 mm = 10 slices
+    assert carried_slices(5, 30.0, 3.0, (0, 19), (5, 5), 1, {}.get) == [*range(6, 16), 4, 3, 2, 1, 0]
+
+
+def test_volume_clicks_apply_in_order_and_accumulate_per_slice():
+    """A toy decoder: the mask is the disc of radius 3 around every include click on the slice, minus those of
+    exclude clicks; a click carries to the slices its disc reaches (3 px ~ 1 slice of 3 mm at 1 mm pixels)."""
+    shape = (20, 20)
+    calls: list[tuple[int, list[list[float]], list[float]]] = []
+
+    def decode(z, points, labels):
+        calls.append((z, points.tolist(), labels.tolist()))
+        mask = np.zeros(shape, bool)
+        for (x, y), label in zip(points, labels, strict=True):
+            disc = _disc(shape, (int(y), int(x)), 3)
+            mask = mask | disc if label == 1 else mask & ~disc
+        return mask
+
+    masks: dict[int, np.ndarray] = {z: np.zeros(shape, bool) for z in range(2, 8)}
+    clicks = VolumeClicks(decode, masks, (2, 7), (3.0, 1.0, 1.0))
+    assert clicks.apply(4, 10.0, 10.0, 1) == [4, 5, 3]  # depth 4 px = 4 mm: one 3 mm slice each way
+    assert all(masks[z][10, 10] for z in (3, 4, 5)) and not masks[6][10, 10]
+    # an exclude click on the same spot removes the disc on 4; 3 and 5 still hold it, within reach: carried
+    assert clicks.apply(4, 10.0, 10.0, 0) == [4, 5, 3]
+    assert calls[-1] == (3, [[10.0, 10.0], [10.0, 10.0]], [1.0, 0.0])  # the slice's clicks so far, in order
+    assert not any(masks[z][10, 10] for z in (3, 4, 5))
+    assert clicks.apply(6, 10.0, 10.0, 0) == [6]  # already empty there: changes nothing, carries nowhere
