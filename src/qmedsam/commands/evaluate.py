@@ -73,13 +73,15 @@ object gets up to K simulated corrective clicks, deterministic: the next click i
 largest error region of that object's current mask against its ground truth (label i+1 = box i) farthest from
 the region's border, the image edge counting as border (include where the mask misses, exclude where it
 overshoots; 3D in mm with the spacing above). Every click so far goes with the box; 3D objects are predicted
-with the fixed-box rule and a click re-decodes only the slice it lands on (with the object's xy box, also
-outside its z range). An object with an exact mask gets no more clicks. After each round the case is scored
-as above (case DSC = mean over labels 1..max(gt) of the label map holding every object, painted in box order
+with the fixed-box rule; a click re-decodes the slice it lands on (with the object's xy box, also outside its
+z range) and carries, as Segmenter.predict does, to the neighbouring slices within the box's z range as far
+in mm as its correction reached in-plane, stopping where the mask already agrees with it. An object with an
+exact mask gets no more clicks. After each round the case is scored as above (case DSC = mean over labels 1..max(gt) of the label map holding every object, painted in box order
 as predict writes it; the NSD rule chosen). Click 0 (boxes only) is what `qmedsam evaluate` gives for
 `qmedsam predict`'s masks of the same model. AUC = the trapezoid area under the case DSC over clicks 0..K,
 divided by K (in [0, 1]). Each image or slice is encoded once (4 MiB kept per slice of a case); a click costs
-one decoder call. Outputs in --out (required): metrics.csv, cases.csv and summary.json as above for click 0,
+one decoder call per slice it re-decodes. Outputs in --out (required): metrics.csv, cases.csv and summary.json
+as above for click 0,
 summary.json's "clicks" section (DSC and NSD per click and the AUC per case, modality and overall) and
 clicks.csv (case, modality, click, dsc, nsd); the table printed is the mean DSC per click per modality.
 A model whose decoder takes boxes only is refused up front (so far the shipped int8 model, the default: use

@@ -21,7 +21,7 @@ The protocol, deterministic (same model, same inputs: same numbers):
 - AUC: the trapezoid area under the case DSC over clicks 0..K, divided by K (in [0, 1]; the mean DSC of a flat
   curve).
 Every image or slice is encoded once and its embedding kept for the case (4 MiB per slice), so a click costs
-one decoder call.
+one decoder call per slice it re-decodes.
 """
 
 from __future__ import annotations
