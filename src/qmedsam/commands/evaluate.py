@@ -76,8 +76,9 @@ overshoots; 3D in mm with the spacing above). Every click so far goes with the b
 with the fixed-box rule; a click re-decodes the slice it lands on (with the object's xy box, also outside its
 z range) and carries, as Segmenter.predict does, to the neighbouring slices within the box's z range as far
 in mm as its correction reached in-plane, stopping where the mask already agrees with it. An object with an
-exact mask gets no more clicks. After each round the case is scored as above (case DSC = mean over labels 1..max(gt) of the label map holding every object, painted in box order
-as predict writes it; the NSD rule chosen). Click 0 (boxes only) is what `qmedsam evaluate` gives for
+exact mask gets no more clicks. After each round the case is scored as above (case DSC = mean over labels
+1..max(gt) of the label map holding every object, painted in box order as predict writes it; the NSD rule
+chosen). Click 0 (boxes only) is what `qmedsam evaluate` gives for
 `qmedsam predict`'s masks of the same model. AUC = the trapezoid area under the case DSC over clicks 0..K,
 divided by K (in [0, 1]). Each image or slice is encoded once (4 MiB kept per slice of a case); a click costs
 one decoder call per slice it re-decodes. Outputs in --out (required): metrics.csv, cases.csv and summary.json
