@@ -222,8 +222,20 @@ def test_shards_fill_one_folder_and_failures_wait_for_retry(cohort: Path, refere
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "scheduler-time-limit"])
 def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path, stop):
+    """The signal lands while a case runs, with cases left: the cohort plus copies of its case files, so that a
+    fast machine cannot finish every case between two looks at the ledger."""
     out = tmp_path / "out"
-    command = [*QMEDSAM, "predict", "--manifest", str(cohort / "cohort.csv"), "-o", str(out), *FLAGS]
+    repeats = tmp_path / "repeats"
+    repeats.mkdir()
+    rows = []
+    for i in range(1, 5):
+        for name in ("2D_CT_TotalSeg", "3D_MR_TotalSeg"):
+            copy = repeats / f"{name}_{1000 + i}.npz"
+            shutil.copy(cohort / "cases" / f"{name}_0001.npz", copy)
+            rows.append(f",{copy},,,\n")
+    manifest = cohort / f"cohort-longer-{stop.name}.csv"
+    manifest.write_text((cohort / "cohort.csv").read_text() + "".join(rows))
+    command = [*QMEDSAM, "predict", "--manifest", str(manifest), "-o", str(out), *FLAGS]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while "started" not in _ledger_states(out).values() and process.poll() is None and time.monotonic() < deadline:
