@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qmedsam.inference.click_reach import VolumeClicks, carried_slices, click_reach_mm
+from qmedsam.inference.click_reach import VolumeClicks, carried_slices, click_reach_mm, local_edit
 
 
 def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -68,3 +68,22 @@ def test_volume_clicks_apply_in_order_and_accumulate_per_slice():
     assert calls[-1] == (3, [[10.0, 10.0], [10.0, 10.0]], [1.0, 0.0])  # the slice's clicks so far, in order
     assert not any(masks[z][10, 10] for z in (3, 4, 5))
     assert clicks.apply(6, 10.0, 10.0, 0) == [6]  # already empty there: changes nothing, carries nowhere
+
+
+def test_a_click_changes_only_the_region_it_is_connected_to():
+    before = _disc((40, 40), (20, 20), 8)
+    # the decoder, given an include click at (20, 33) just outside, grows the mask there but also drops a part far
+    # away and adds a blob elsewhere: only the growth connected to the click is taken
+    after = (before | _disc((40, 40), (20, 33), 4) | _disc((40, 40), (5, 5), 2)) & ~_disc((40, 40), (20, 12), 3)
+    edited = local_edit(before, after, (20, 33), 1)
+    grown = after & ~before
+    assert edited[20, 33] and (edited >= before).all()  # only adds
+    assert not edited[5, 5]  # the unconnected blob is not taken
+    assert np.array_equal(edited, before | (grown & _disc((40, 40), (20, 33), 5)))
+    # an exclude click inside removes only the part the decoder dropped connected to it
+    dropped = local_edit(before, after, (20, 12), 0)
+    assert not dropped[20, 12] and (dropped <= before).all() and dropped.sum() < before.sum()
+    assert np.array_equal(dropped, before & ~_disc((40, 40), (20, 12), 3))
+    # where the decoder did not follow the click, nothing changes
+    assert np.array_equal(local_edit(before, before, (20, 20), 0), before)
+    assert np.array_equal(local_edit(before, after, (20, 20), 1), before)  # include on foreground: nothing to add

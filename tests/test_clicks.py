@@ -13,8 +13,9 @@ import torch
 from qmedsam import Segmenter
 from qmedsam.data.cases import CaseError, read_case
 from qmedsam.data.clicks import scale_points, validated_clicks
-from qmedsam.data.preprocess import geometry_for, preprocess_image, scale_boxes
+from qmedsam.data.preprocess import geometry_for, postprocess_logits, preprocess_image, scale_boxes
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.click_reach import local_edit
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
 
@@ -107,11 +108,31 @@ def test_predict_without_clicks_is_segment_2d_and_clicks_change_the_mask(fp32_mo
     painted = segmenter.segment_2d(ct_case.image, box[None])
     np.testing.assert_array_equal(alone, painted == 1)
     np.testing.assert_array_equal(segmenter.predict(box, points=np.zeros((0, 2)), point_labels=np.zeros(0)), alone)
+    # a click changes the mask only where the decoder's mask for box + click differs from the box's, connected to
+    # the click (the pretrained decoder, not click-trained, reacts somewhere on this grid of clicks)
+    tensor, geometry = preprocess_image(ct_case.image)
+    embedding = segmenter.engine.encode(tensor)
     x0, y0, x1, y1 = box
-    inside = [[(x0 + x1) / 2, (y0 + y1) / 2]]
-    clicked = segmenter.predict(box, points=inside, point_labels=[0])
-    assert clicked.shape == alone.shape and not np.array_equal(clicked, alone)
-    np.testing.assert_array_equal(segmenter.predict(box, points=inside, point_labels=[0]), clicked)  # stateless
+    changed = 0
+    for x in np.linspace(x0, x1, 5)[1:-1]:
+        for y in np.linspace(y0, y1, 5)[1:-1]:
+            for label in (0, 1):
+                clicked = segmenter.predict(box, points=[[x, y]], point_labels=[label])
+                logits = segmenter.engine.decode(
+                    embedding,
+                    scale_boxes(box[None], geometry),
+                    scale_points(np.array([[x, y]]), geometry)[None],
+                    np.array([[label]], np.float32),
+                )
+                decoded = postprocess_logits(logits, geometry)[0]
+                np.testing.assert_array_equal(clicked, local_edit(alone, decoded, (round(y), round(x)), label))
+                changed += not np.array_equal(clicked, alone)
+                if label == 1:
+                    assert (clicked >= alone).all()  # an include click only adds
+                else:
+                    assert (clicked <= alone).all()  # an exclude click only removes
+    assert changed
+    np.testing.assert_array_equal(segmenter.predict(box, points=[[x, y]], point_labels=[1]), clicked)  # stateless
     assert segmenter.encoded_slices == 1  # every call decoded against the one cached embedding
 
 

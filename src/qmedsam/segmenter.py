@@ -207,10 +207,12 @@ class Segmenter:
         `points` (N, 2) are (x, y) pixel coordinates on the same image (or slice `z`), `point_labels` (N,) 1 =
         include, 0 = exclude; the box stays (clicks refine a boxed object). Without points, exactly the mask
         `segment_2d` paints for the box.
-        With a 3D box, `points` (N, 3) are (x, y, z) voxel coordinates, applied in order: each re-decodes its
-        slice (the box's xy extent and the clicks on that slice so far) and carries to the neighbouring slices
-        of the box's z range its correction reaches (qmedsam.inference.click_reach); `spacing` (z, y, x) in mm
-        makes that reach physical (default: cubic voxels). Stateless: the same inputs give the same mask.
+        Clicks apply in order, each re-decoding its slice with the box and the clicks there so far and changing
+        the mask only in the region connected to it (include: added, exclude: removed; qmedsam.inference.
+        click_reach), so a click costs one decoder call per click so far on its slice.
+        With a 3D box, `points` (N, 3) are (x, y, z) voxel coordinates, and each click also carries to the
+        neighbouring slices of the box's z range its correction reaches; `spacing` (z, y, x) in mm makes that
+        reach physical (default: cubic voxels). Stateless: the same inputs give the same mask.
         """
         if self._encoder is None or self._dimension is None:
             raise UserFacingError("call set_image(image) before predict(box)")
@@ -228,12 +230,25 @@ class Segmenter:
         if self._dimension == 2:
             if z not in (None, 0):
                 raise UserFacingError(f"predict: z={z} given for a 2D image")
-            return self._slice_mask(box, 0, "predict", clicks)
+            return self._clicked_slice_mask(box, 0, clicks)
         if z is None:
             raise UserFacingError("predict: a 2D box on a volume needs z (the slice index)")
         if not 0 <= int(z) < volume.shape[0]:
             raise UserFacingError(f"predict: z={z} outside the volume (0..{volume.shape[0] - 1})")
-        return self._slice_mask(box, int(z), "predict", clicks)
+        return self._clicked_slice_mask(box, int(z), clicks)
+
+    def _clicked_slice_mask(self, box: np.ndarray, z: int, clicks: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """One slice: the box's mask, then each click applied in order (`VolumeClicks` on that slice alone)."""
+        masks = {z: self._slice_mask(box, z, "predict")}
+        if clicks is not None and len(clicks[0]):
+
+            def decode(here: int, clicked: np.ndarray, clicked_labels: np.ndarray) -> np.ndarray:
+                return self._slice_mask(box, here, "predict", (clicked, clicked_labels))
+
+            applied = VolumeClicks(decode, masks, (z, z), (1.0, 1.0, 1.0))
+            for (x, y), label in zip(*clicks, strict=True):
+                applied.apply(z, float(y), float(x), int(label))
+        return masks[z]
 
     def _volume_mask(
         self,

@@ -1,6 +1,12 @@
-"""How far a click on one slice of a volume carries to its neighbours.
+"""What a click changes: the region around it on its slice, and how far it carries to neighbouring slices.
 
-Why: a 2D decoder corrects only the slice a click lands on, while the error a user clicks on is a 3D region
+On its slice (`local_edit`): the decoder, given the box and the clicks, re-predicts the whole mask, and away
+from the click it may undo what the box got right (a click-trained decoder still shrank a 670-pixel nucleus to
+384 pixels for an include click on it). So a click only adds (include) or removes (exclude) the region the
+decoder changed that is connected to the click; the rest of the mask stays. Clicks are applied in order, each on
+the mask the ones before it left, so the result is still a function of the box and the clicks (stateless).
+
+Across slices: a 2D decoder corrects only the slice a click lands on, while the error a user clicks on is a 3D region
 spanning many slices; correcting one slice of dozens barely moves a volume's Dice. So a click carries to the
 next slices, each way, as far as its own correction reached in-plane: the region the click changed on its
 slice (mask before XOR after, the part connected to the click) has an in-plane depth at the click (distance to
@@ -64,14 +70,34 @@ def carried_slices(
     return carried
 
 
+def local_edit(before: np.ndarray, after: np.ndarray, point_yx: tuple[int, int], label: int) -> np.ndarray:
+    """`before` changed only where the click asked: an include click adds the part of `after` beyond `before`
+    connected to the click; an exclude click removes the part of `before` that `after` drops, connected to the
+    click. Whatever else the decoder changed is ignored (a click fixes the error it was put on)."""
+    before, after = np.asarray(before, bool), np.asarray(after, bool)
+    changed = (after & ~before) if label == INCLUDE else (before & ~after)
+    y, x = point_yx
+    if not changed[y, x]:
+        return before.copy()
+    components, _ = ndimage.label(changed, structure=np.ones((3, 3), bool))
+    region = components == components[y, x]
+    return (before | region) if label == INCLUDE else (before & ~region)
+
+
+def _pixel(y: float, x: float, shape: tuple[int, ...]) -> tuple[int, int]:
+    """The pixel a click at (y, x) falls in (nearest, inside the image)."""
+    return min(max(int(round(y)), 0), shape[0] - 1), min(max(int(round(x)), 0), shape[1] - 1)
+
+
 SliceDecoder = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 """decode(z, points (N, 2) as (x, y) image pixels, labels (N,)) -> that slice's (H, W) bool mask for the object."""
 
 
 class VolumeClicks:
-    """One object's clicks in a volume and the masks they made: the one place a 3D click is applied (used by
-    `Segmenter.predict` and the `evaluate --clicks` protocol alike). A click re-decodes its slice with the
-    object's clicks there, then is repeated on the slices `carried_slices` gives."""
+    """One object's clicks on an image or volume and the masks they made: the one place a click is applied
+    (`Segmenter.predict` and the `evaluate --clicks` protocol alike). A click re-decodes its slice with the
+    object's clicks there, changes that slice's mask only around itself (`local_edit`), then, in a volume, is
+    repeated on the slices `carried_slices` gives. A 2D image is a volume of one slice."""
 
     def __init__(
         self,
@@ -91,7 +117,10 @@ class VolumeClicks:
         clicks.append((x, y, label))
         points = np.array([[cx, cy] for cx, cy, _ in clicks], dtype=np.float64)
         labels = np.array([cl for _, _, cl in clicks], dtype=np.float32)
-        self.masks[z] = self.decode(z, points, labels)
+        decoded = self.decode(z, points, labels)
+        before = self.masks.get(z)
+        before = np.zeros_like(decoded) if before is None else before
+        self.masks[z] = local_edit(before, decoded, _pixel(y, x, decoded.shape), label)
         return self.masks[z]
 
     def apply(self, z: int, y: float, x: float, label: int) -> list[int]:
@@ -99,7 +128,7 @@ class VolumeClicks:
         the nearest pixel); the slices whose masks were re-decoded, the clicked one first."""
         before = self.masks.get(z)
         after = self._decode(z, x, y, label)
-        pixel = (min(max(int(round(y)), 0), after.shape[0] - 1), min(max(int(round(x)), 0), after.shape[1] - 1))
+        pixel = _pixel(y, x, after.shape)
         reach = click_reach_mm(np.zeros_like(after) if before is None else before, after, pixel, self.spacing[1:])
         carried = carried_slices(z, reach, self.spacing[0], self.z_range, pixel, label, self.masks.get)
         for here in carried:
