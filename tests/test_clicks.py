@@ -4,6 +4,7 @@ API's validation, and a model folder exported before clicks still serving boxes 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from qmedsam.data.cases import CaseError, read_case
 from qmedsam.data.clicks import scale_points, validated_clicks
 from qmedsam.data.preprocess import geometry_for, postprocess_logits, preprocess_image, scale_boxes
 from qmedsam.errors import UserFacingError
+from qmedsam.export.click_pair import attach_click_decoder
 from qmedsam.inference.click_reach import local_edit
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
@@ -243,3 +245,44 @@ def test_with_the_shipped_model_an_include_click_grows_the_mask_and_an_exclude_c
                 assert not after[y, x] and (after & region).sum() < region.sum(), (name, i)
             seen[label] += 1
     assert seen[0] >= 3 and seen[1] >= 3, seen
+
+
+def test_a_click_decoder_beside_the_box_decoder_takes_clicks_and_leaves_boxes_exactly_as_they_were(
+    fp32_model_dir, box_only_model_dir, ov_cache_dir, ct_case, tmp_path
+):
+    """`attach_click_decoder`: boxes alone still go to the folder's own decoder (bit-identical masks, and the
+    click decoder is never even compiled), boxes with clicks to the click decoder."""
+    folder = tmp_path / "pair"
+    shutil.copytree(box_only_model_dir, folder)
+    entry = attach_click_decoder(folder, fp32_model_dir, {"note": "test"})
+    assert entry["note"] == "test" and json.loads((folder / "meta.json").read_text())["click_decoder"] == entry
+    pair = OpenVINOEngine(folder, cache_dir=ov_cache_dir)
+    box_only = OpenVINOEngine(box_only_model_dir, cache_dir=ov_cache_dir)
+    clicker = OpenVINOEngine(fp32_model_dir, cache_dir=ov_cache_dir)
+    assert pair.takes_clicks and not box_only.takes_clicks
+    tensor, geometry = preprocess_image(ct_case.image)
+    embedding = pair.encode(tensor)
+    boxes = scale_boxes(ct_case.boxes, geometry)
+    np.testing.assert_array_equal(pair.decode(embedding, boxes), box_only.decode(embedding, boxes))
+    assert pair._click_request is None  # boxes alone never compile the click decoder
+    points = np.repeat(((boxes[:, None, :2] + boxes[:, None, 2:]) / 2), 2, axis=1)
+    labels = np.tile(np.array([[1.0, 0.0]], np.float32), (len(boxes), 1))
+    np.testing.assert_array_equal(
+        pair.decode(embedding, boxes, points, labels), clicker.decode(embedding, boxes, points, labels)
+    )
+    assert set(pair.runtime_precisions()) == {"encoder", "decoder", "click_decoder"}
+    # the Python API over the pair: boxes alone are the box decoder's, clicks work
+    segmenter = Segmenter(engine=pair)
+    segmenter.set_image(ct_case.image)
+    box = ct_case.boxes[0]
+    np.testing.assert_array_equal(segmenter.predict(box), segmenter.segment_2d(ct_case.image, box[None]) == 1)
+    assert segmenter.predict(box, points=[[box[0] + 1, box[1] + 1]], point_labels=[0]).shape == ct_case.spatial_shape
+    # refused by name: half a click decoder, a click model trained on another encoder
+    (folder / "click_decoder.bin").unlink()
+    with pytest.raises(UserFacingError, match="has click_decoder.xml but not click_decoder.bin"):
+        OpenVINOEngine(folder, cache_dir=ov_cache_dir)
+    other = tmp_path / "other"
+    shutil.copytree(fp32_model_dir, other)
+    (other / "encoder.bin").write_bytes((other / "encoder.bin").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(UserFacingError, match="its encoder differs"):
+        attach_click_decoder(folder, other)

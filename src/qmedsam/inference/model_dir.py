@@ -15,7 +15,11 @@ from qmedsam.version import __version__
 MODEL_FORMAT = "qmedsam-openvino"
 
 
-MODEL_FILES = frozenset({"encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin", "meta.json"})
+CLICK_DECODER_FILES = ("click_decoder.xml", "click_decoder.bin")
+"""Optional: a decoder for boxes *with clicks* beside the box decoder. The box decoder then stays exactly the one
+the folder had (same masks, same speed, what the C++ predictor runs), and only a click reaches this one."""
+
+MODEL_FILES = frozenset({"encoder.xml", "encoder.bin", "decoder.xml", "decoder.bin", "meta.json", *CLICK_DECODER_FILES})
 
 
 def is_model_dir(path: Path) -> bool:
@@ -61,6 +65,17 @@ def read_model_meta(model_dir: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("image_size", 256) != 256:
         raise UserFacingError(f"{model_dir / 'meta.json'}: expected a JSON object with image_size 256")
     return meta
+
+
+def click_decoder_path(model_dir: Path) -> Path | None:
+    """The folder's click decoder (`click_decoder.xml` + `.bin`), None without one; half of one is an error."""
+    present = [name for name in CLICK_DECODER_FILES if (Path(model_dir) / name).is_file()]
+    if not present:
+        return None
+    if len(present) != len(CLICK_DECODER_FILES):
+        missing = next(name for name in CLICK_DECODER_FILES if name not in present)
+        raise UserFacingError(f"{model_dir}: has {present[0]} but not {missing}; re-assemble or remove both")
+    return Path(model_dir) / CLICK_DECODER_FILES[0]
 
 
 def encoder_sha256(model_dir: Path) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from qmedsam.errors import UserFacingError
 from qmedsam.files import default_cache_root
 from qmedsam.inference.decoder_io import checked_clicks, decoder_feed, takes_clicks
-from qmedsam.inference.model_dir import read_model_meta
+from qmedsam.inference.model_dir import click_decoder_path, read_model_meta
 from qmedsam.inference.precision import PRECISION_CHOICES, choose_precision, compile_config
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,10 @@ class OpenVINOEngine:
         self.decoder = core.compile_model(str(self.model_dir / "decoder.xml"), "CPU", decoder_config)
         self._encode_request = self.encoder.create_infer_request()
         self._decode_request = self.decoder.create_infer_request()
-        self.takes_clicks = takes_clicks(self.decoder)
+        self._decoder_config = decoder_config
+        self._click_decoder_xml = click_decoder_path(self.model_dir)
+        self._click_request = None  # compiled on the first click: boxes alone never pay for it
+        self.takes_clicks = self._click_decoder_xml is not None or takes_clicks(self.decoder)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         result = self._encode_request.infer(
@@ -144,18 +147,34 @@ class OpenVINOEngine:
         points: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
     ) -> np.ndarray:
-        """A decoder exported before clicks (inputs `image_embedding` and `boxes` only) still serves boxes;
-        asking it for clicks is refused by name."""
-        feed = decoder_feed(self.decoder, embedding, boxes, points, point_labels, self.model_dir)
-        result = self._decode_request.infer(feed, share_inputs=False, share_outputs=False)
-        return np.array(result[self.decoder.output(0)])
+        """Boxes alone go to `decoder.xml`; boxes with clicks to `click_decoder.xml` where the folder has one,
+        else to `decoder.xml`. A decoder exported before clicks (inputs `image_embedding` and `boxes` only)
+        still serves boxes; asking it for clicks is refused by name."""
+        if self._click_decoder_xml is not None and points is not None and np.asarray(points).size:
+            request = self._click_decoder()
+            decoder = request.get_compiled_model()
+        else:
+            request, decoder = self._decode_request, self.decoder
+        feed = decoder_feed(decoder, embedding, boxes, points, point_labels, self.model_dir)
+        result = request.infer(feed, share_inputs=False, share_outputs=False)
+        return np.array(result[decoder.output(0)])
+
+    def _click_decoder(self):
+        if self._click_request is None:
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(str(self._click_decoder_xml), "CPU", self._decoder_config)
+            if not takes_clicks(compiled):
+                raise UserFacingError(f"{self._click_decoder_xml}: has no click inputs (points, point_labels)")
+            self._click_request = compiled.create_infer_request()
+        return self._click_request
 
     def runtime_precisions(self) -> dict[str, dict[str, int]]:
         """Count of Convolution/FullyConnected/MatMul-like layers per runtime precision, per part."""
-        return {
-            "encoder": layer_precisions(self.encoder),
-            "decoder": layer_precisions(self.decoder),
-        }
+        precisions = {"encoder": layer_precisions(self.encoder), "decoder": layer_precisions(self.decoder)}
+        if self._click_decoder_xml is not None:
+            precisions["click_decoder"] = layer_precisions(self._click_decoder().get_compiled_model())
+        return precisions
 
 
 HEAVY_LAYER_TYPES = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
