@@ -9,7 +9,9 @@ it) and by the float teacher, cached (`qmedsam.train.click_data`), so a step cos
 A sample is one object on one view (a slice of a labelled training file, maybe flipped) with a jittered box.
 Its interaction: the box alone, then up to K corrective clicks (K drawn per sample, 0..`max_clicks`), each
 placed on the largest error of the current mask (`qmedsam.evaluate.interaction.sample_click`: the protocol's
-centre point or, as real users do, nearer the border), every click so far given with the box. The loss is
+centre point or, as real users do, nearer the border), every click so far given with the box; the current mask
+after a click is the one inference shows (the decoder's new mask taken only around the click,
+`qmedsam.inference.click_reach.local_edit`), so clicks land where they would in use. The loss is
 taken at every step: the box-only step learns the float teacher's mask (soft-label BCE, as the shipped
 decoder was distilled, so boxes alone lose nothing), the click steps learn the ground truth (Dice + BCE;
 with `click_disk_weight` also a BCE on disks around the clicks, a dense signal that the clicked area follows
@@ -45,6 +47,7 @@ from qmedsam.evaluate.interaction import next_click, sample_click
 from qmedsam.evaluate.metrics import mask_dice
 from qmedsam.export.int8_parity import ir_to_check
 from qmedsam.files import atomic_write_bytes, sha256_file
+from qmedsam.inference.click_reach import local_edit
 from qmedsam.inference.model_dir import encoder_sha256, is_model_dir, read_model_meta, shipped_int8_model_dir
 from qmedsam.inference.runtime import OpenVINOEngine
 from qmedsam.model.litemedsam import load_pretrained_litemedsam
@@ -235,6 +238,13 @@ class Interaction:
             still.append(i)
         self.active = still
 
+    def apply(self, masks: np.ndarray, decoded: np.ndarray, resized: np.ndarray) -> None:
+        """Each active object's mask after its last click, as inference makes it: the decoder's new mask
+        (`decoded`, one row per active object) taken only around the click (`local_edit`)."""
+        for row, i in enumerate(self.active):
+            x, y = self.points[i][-1]
+            masks[i] = local_edit(masks[i], _valid(decoded[row], resized[i]), (int(y), int(x)), int(self.labels[i][-1]))
+
     def prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
             torch.tensor([self.points[i] for i in self.active], dtype=torch.float32),
@@ -269,25 +279,25 @@ def interaction_loss(
     losses = [box_loss.mean()] if config.train_decoder else []
     weights = [float(len(objects))] if config.train_decoder else []
     interaction = Interaction.start(rng.integers(0, config.max_clicks + 1, size=len(objects)))
-    predictions = (logits.detach()[:, 0] > 0).numpy()
+    current = _valid_stack((logits.detach()[:, 0] > 0).numpy(), resized)
 
     def place(prediction, truth):
         return sample_click(prediction, truth, rng, config.centre_probability)
 
     for step in range(1, config.max_clicks + 1):
-        interaction.add_clicks(step, predictions, truths, resized, place)
+        interaction.add_clicks(step, current[interaction.active], truths, resized, place)
         active = interaction.active
         if not active:
             break
         points, labels = interaction.prompts()
         logits = model.decode(embeddings[active], boxes[active], False, points, labels)[0]
+        interaction.apply(current, (logits.detach()[:, 0] > 0).numpy(), resized)
         click_loss = segmentation_loss(logits, target[active])
         if config.click_disk_weight:
             disks = click_disks([interaction.points[i] for i in active], config.click_disk_radius)
             click_loss = click_loss + config.click_disk_weight * disk_bce(logits, target[active], disks)
         losses.append(click_loss.mean())
         weights.append(float(len(active)))
-        predictions = (logits.detach()[:, 0] > 0).numpy()
     click_steps = weights[1:] if config.train_decoder else weights
     if not losses:  # no object got a click: a zero loss that still reaches the trainable parameters
         return 0.0 * sum(p.sum() for p in model.prompt_encoder.mask_downscaling.parameters()), {
@@ -330,7 +340,7 @@ def dice_per_click(
                 points, labels = interaction.prompts()
                 active = interaction.active
                 logits = model.decode(embeddings[active], boxes_t[active], False, points, labels)[0][:, 0]
-                masks[active] = _valid_stack((logits > 0).numpy(), resized[active])
+                interaction.apply(masks, (logits > 0).numpy(), resized)
             per_click[step, rows] = [mask_dice(m, t) for m, t in zip(masks, truths, strict=True)]
     return per_click.mean(axis=1).tolist()
 
