@@ -90,3 +90,20 @@ def test_postprocess_upscales_only_where_a_mask_can_be_and_changes_nothing():
             np.testing.assert_array_equal(mask, whole)
             np.testing.assert_array_equal(mask, cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR) > 0)
         assert not masks[5].any()
+
+
+def test_postprocess_of_a_one_pixel_logit_that_no_output_pixel_reads_is_an_empty_mask():
+    """Shrinking to an image smaller than the model square skips some source rows and columns: a mask positive
+    only there is empty in the image, as OpenCV gives it (it raised an IndexError: a real 91x117 MR slice
+    whose clicked mask was 1 logit pixel)."""
+    import cv2
+
+    for height, width in [(91, 117), (100, 30), (61, 200)]:
+        geometry = geometry_for(height, width)
+        new_h, new_w = geometry.resized
+        for y, x in [(new_h // 2, s) for s in range(new_w)] + [(s, new_w // 2) for s in range(new_h)]:
+            logits = np.full((1, 256, 256), -5.0, np.float32)
+            logits[0, y, x] = 5.0
+            crop = np.ascontiguousarray(logits[0, :new_h, :new_w])
+            expected = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR) > 0
+            np.testing.assert_array_equal(postprocess_logits(logits, geometry)[0], expected)

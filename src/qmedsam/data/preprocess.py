@@ -158,6 +158,8 @@ def postprocess_logits(logits: np.ndarray, geometry: Geometry) -> np.ndarray:
             continue
         y0, y1 = _reach(rows[0], rows[1], int(ys[0]), int(ys[-1]))
         x0, x1 = _reach(cols[0], cols[1], int(xs[0]), int(xs[-1]))
+        if y0 >= y1 or x0 >= x1:
+            continue  # shrinking to a smaller image, no output pixel reads these logits: the mask is empty
         if (y1 - y0) * (x1 - x0) > WHOLE_IMAGE_FRACTION * height * width:  # big object: OpenCV's SIMD is faster
             masks[i] = cv2.resize(np.ascontiguousarray(cropped), (width, height), interpolation=cv2.INTER_LINEAR) > 0
         else:
