@@ -85,8 +85,9 @@ one decoder call per slice it re-decodes. Outputs in --out (required): metrics.c
 as above for click 0,
 summary.json's "clicks" section (DSC and NSD per click and the AUC per case, modality and overall) and
 clicks.csv (case, modality, click, dsc, nsd); the table printed is the mean DSC per click per modality.
-A model whose decoder takes boxes only is refused up front (so far the shipped int8 model, the default: use
--m fp32, a click-trained model folder or --engine torch). --pred, --timing and --report do not apply.
+A model folder exported before clicks (its decoder takes boxes only) is refused up front. The shipped int8
+model (the default) takes clicks: boxes alone go to its box decoder, boxes with clicks to its click decoder.
+--pred, --timing and --report do not apply.
 
 One-slice 3D (--from-slice): the model (-m, ... as above) segments every object of every 3D --gt case twice:
 from the ground truth's box on the object's largest slice along each --axis (0 axial, 1 coronal, 2 sagittal;
@@ -171,9 +172,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-m",
         "--model",
         default=None,
-        help="as in `qmedsam predict`: 'int8' (the shipped model, the default; refused while its decoder takes "
-        "boxes only), 'fp32' (the pretrained weights, built once into the user cache) or an OpenVINO model "
-        "directory from `qmedsam export`",
+        help="as in `qmedsam predict`: 'int8' (the shipped model, the default), 'fp32' (the pretrained weights, "
+        "built once into the user cache) or an OpenVINO model directory from `qmedsam export`",
     )
     clicks.add_argument("--engine", choices=["openvino", "torch"], default="openvino", help="default: openvino")
     clicks.add_argument(
@@ -324,8 +324,8 @@ def run_clicks(args: argparse.Namespace) -> int:
     if getattr(engine, "takes_clicks", True) is False:
         where = getattr(engine, "model_dir", args.model)
         raise UserFacingError(
-            f"{where}: this model's decoder takes boxes only (exported without click inputs, as the shipped int8 "
-            "model still is); use -m fp32, a click-trained model directory, or --engine torch"
+            f"{where}: this model's decoder takes boxes only (exported before clicks); use the shipped int8 model, "
+            "a click-trained model directory, -m fp32 or --engine torch"
         )
     evaluation = evaluate_clicks_folder(
         engine,

@@ -493,7 +493,9 @@ class SegmentWidget(QWidget):
             and self._segmenter_model == self.model_combo.currentData()
             and not getattr(segmenter.engine, "takes_clicks", True)
         ):
-            return "click ignored: this model's decoder takes boxes only; pick fp32 or a model exported with clicks"
+            return (
+                "click ignored: this model's decoder takes boxes only; pick int8, fp32 or a model exported with clicks"
+            )
         x, y, z, _ = self._click_rows([row])[0]
         spatial = self.spatial_shape
         height, width = spatial[-2:]

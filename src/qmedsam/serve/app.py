@@ -344,7 +344,11 @@ def create_app(engine: Engine, settings: ServeSettings):
         return refuse
 
     app.post("/add_point_interaction")(
-        unsupported("point", "the shipped decoder is not click-trained yet, so clicks would make masks worse")
+        unsupported(
+            "point",
+            "clicks are not wired into this server yet (they refine a box in the Python API, napari and "
+            "`qmedsam evaluate --clicks`)",
+        )
     )
     app.post("/add_scribble_interaction")(unsupported("scribble", "the model is prompted by boxes"))
     return app
