@@ -4,9 +4,9 @@ The box decoder stays exactly as shipped (boxes alone: the same masks, the same 
 `click_decoder.xml`. meta.json's `click_decoder` record gets the per-click scores given and the commands that
 regenerate the click decoder:
 
-    python benchmarks/ship_clicks.py --click-model runs/compare/frozen2 \
-        --scores validation=runs/compare/eval-int8-clicks-val/summary.json \
-        --scores demo=runs/compare/eval-int8-clicks-demo/summary.json
+    python benchmarks/ship_clicks.py --click-model runs/compare/clicks-local \
+        --scores validation=runs/compare/eval-int8-clicks-local-val/summary.json \
+        --scores demo=runs/compare/eval-int8-clicks-local-demo/summary.json
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ REGENERATE = [
     "out_dir=runs/clicks-frozen",
     "qmedsam train --config configs/train/clicks.yaml --set train_decoder=false point_lr=2e-3 steps=300 "
     "warmup_steps=10 init_checkpoint=runs/clicks-frozen/last.pt out_dir=runs/clicks-frozen2",
-    "qmedsam export --checkpoint runs/clicks-frozen2/last.pt --parity-cases data/demo/cases --out runs/compare/frozen2",
-    "python benchmarks/ship_clicks.py --click-model runs/compare/frozen2 --scores ...",
+    "qmedsam train --config configs/train/clicks.yaml --set train_decoder=false point_lr=1e-3 steps=300 "
+    "warmup_steps=10 init_checkpoint=runs/clicks-frozen2/last.pt out_dir=runs/clicks-local",
+    "qmedsam export --checkpoint runs/clicks-local/best.pt --parity-cases data/demo/cases "
+    "--out runs/compare/clicks-local",
+    "python benchmarks/ship_clicks.py --click-model runs/compare/clicks-local "
+    "--scores validation=... --scores demo=...",
 ]
 
 

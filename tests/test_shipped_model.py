@@ -42,6 +42,14 @@ def test_shipped_int8_model_is_self_describing_and_portable():
         assert abs(numbers["dsc"] - numbers["fp32_dsc"] - numbers["dsc_change"]) < 1e-3
         assert numbers["dsc_change"] > -0.05  # a gross regression would be caught here
     assert meta["int8_coverage"]["encoder"]["int8_fraction"] >= 0.9
+    # clicks: a click-trained decoder beside the box decoder, with the per-click scores it was shipped with
+    clicks = meta["click_decoder"]
+    assert clicks["files"] == ["click_decoder.xml", "click_decoder.bin"]
+    assert all((SHIPPED_INT8_DIR / name).is_file() for name in clicks["files"])
+    assert clicks["int8_coverage"]["int8_fraction"] >= 0.9
+    for split in ("validation", "demo"):
+        dsc = clicks["scores_with_clicks"][split]["overall"]["dsc"]
+        assert len(dsc) == 6 and dsc[-1] > dsc[0]  # 5 clicks end above the box alone (a gross regression)
     size = sum(p.stat().st_size for p in SHIPPED_INT8_DIR.iterdir())
     assert size < 20e6, f"shipped model is {size / 1e6:.1f} MB"
     text = json.dumps(meta)
