@@ -236,7 +236,12 @@ def test_ctrl_c_leaves_whole_files_and_an_honest_summary(cohort: Path, tmp_path,
     manifest = cohort / f"cohort-longer-{stop.name}.csv"
     manifest.write_text((cohort / "cohort.csv").read_text() + "".join(rows))
     command = [*QMEDSAM, "predict", "--manifest", str(manifest), "-o", str(out), *FLAGS]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    # Ctrl-C as a terminal delivers it: the child starts with SIGINT at its default, whatever this test process
+    # inherited (an ignored SIGINT is inherited across exec, and Python then never raises KeyboardInterrupt;
+    # a full suite's process had it ignored once: the run went on through all 12 cases and exited 0)
+    process = subprocess.Popen(
+        command, stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     deadline = time.monotonic() + 120
     while "started" not in _ledger_states(out).values() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
