@@ -23,7 +23,7 @@ from qmedsam.data.clicks import scale_points, validated_clicks, validated_volume
 from qmedsam.data.preprocess import postprocess_logits, scale_boxes
 from qmedsam.engines import ModelChoice, load_engine, resolve_model_dir
 from qmedsam.errors import UserFacingError
-from qmedsam.inference.click_reach import VolumeClicks
+from qmedsam.inference.click_reach import SliceDecoder, VolumeClicks
 from qmedsam.inference.from_slice import (
     FromSliceResult,
     PlaneSlices,
@@ -241,11 +241,7 @@ class Segmenter:
         """One slice: the box's mask, then each click applied in order (`VolumeClicks` on that slice alone)."""
         masks = {z: self._slice_mask(box, z, "predict")}
         if clicks is not None and len(clicks[0]):
-
-            def decode(here: int, clicked: np.ndarray, clicked_labels: np.ndarray) -> np.ndarray:
-                return self._slice_mask(box, here, "predict", (clicked, clicked_labels))
-
-            applied = VolumeClicks(decode, masks, (z, z), (1.0, 1.0, 1.0))
+            applied = VolumeClicks(self._slice_decoder(box), masks, (z, z), (1.0, 1.0, 1.0))
             for (x, y), label in zip(*clicks, strict=True):
                 applied.apply(z, float(y), float(x), int(label))
         return masks[z]
@@ -266,17 +262,21 @@ class Segmenter:
         masks = {s: self._slice_mask(xy_box, s, "predict") for s in range(int(z0), int(z1) + 1)}
         if points is not None:
             xy, slices, labels = validated_volume_clicks(points, point_labels, volume.shape, "predict")
-
-            def decode(here: int, clicked: np.ndarray, clicked_labels: np.ndarray) -> np.ndarray:
-                return self._slice_mask(xy_box, here, "predict", (clicked, clicked_labels))
-
-            clicks = VolumeClicks(decode, masks, (int(z0), int(z1)), spacing or (1.0, 1.0, 1.0))
+            clicks = VolumeClicks(self._slice_decoder(xy_box), masks, (int(z0), int(z1)), spacing or (1.0, 1.0, 1.0))
             for (x, y), here, label in zip(xy, slices, labels, strict=True):
                 clicks.apply(int(here), float(y), float(x), int(label))
         mask = np.zeros(volume.shape, dtype=bool)
         for here, slice_mask in masks.items():
             mask[here] = slice_mask
         return mask
+
+    def _slice_decoder(self, box: np.ndarray) -> SliceDecoder:
+        """The decoder call `VolumeClicks` makes: box `box` on slice z with the clicks there."""
+
+        def decode(z: int, points: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            return self._slice_mask(box, z, "predict", (points, labels))
+
+        return decode
 
     def _slice_mask(
         self, box: np.ndarray, z: int, source: str, clicks: tuple[np.ndarray, np.ndarray] | None = None
