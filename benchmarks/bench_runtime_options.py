@@ -21,6 +21,7 @@ import openvino as ov
 
 from qmedsam.engines import resolve_model_dir
 from qmedsam.inference.machine import machine_line, median_ms
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.precision import compile_config
 
 THREADS = 2
@@ -96,7 +97,7 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     print(machine_line())
     print(f"model {model_dir}, OpenVINO {ov.__version__}, f32 hint, {THREADS} threads")
-    core = ov.Core()
+    core = shared_core()
     with tempfile.TemporaryDirectory() as scratch:
         fixed_shapes(core, model_dir, args.repeats, scratch)
         encoder_streams(core, model_dir, args.repeats, scratch)

@@ -14,13 +14,13 @@ ROOT = TESTS.parent
 
 @pytest.fixture(autouse=True)
 def _restore_sigchld():
-    """Undo the SIGCHLD handler a DataLoader with workers leaves behind.
+    """Undo the SIGCHLD handler a DataLoader with workers leaves behind, so one test's handler never runs in
+    another's `subprocess.run`.
 
-    OpenVINO 2026.4's CPU plugin installs an alternate signal stack on the thread that compiles a model and
-    leaves it pointing at freed memory once the model is gone (seen with gdb: `sigaltstack` calls from
-    libopenvino_intel_cpu_plugin.so). Python installs its handlers with SA_ONSTACK, so the next SIGCHLD
-    (any `subprocess.run`) after torch's DataLoader set its SIGCHLD handler was delivered onto that stack and
-    the test process died (SIGSEGV, si_code SI_KERNEL). Production commands never mix the two in one process.
+    It once killed the test process: with a Core per compile, two OpenVINO CPU plugins gone in the order they
+    came left the main thread's alternate signal stack unmapped (`qmedsam.inference.ov_core` says how), and the
+    next SIGCHLD, delivered onto that stack, was a silent SIGSEGV (si_code SI_KERNEL; in CI during a DataLoader
+    test). The product now keeps one Core per process; this keeps the tests independent of each other anyway.
     """
     before = signal.getsignal(signal.SIGCHLD)
     yield

@@ -183,3 +183,24 @@ def test_the_checks_see_what_they_check():
     assert {"qmedsam.inference.runtime", "qmedsam.export.fp32", "qmedsam.files"} <= set(MODULES)
     assert ("qmedsam.segmenter", True) in imports_of("qmedsam")
     assert is_heavy("qmedsam.model.litemedsam") and not is_heavy("qmedsam.files")
+
+
+def core_constructions(module: str) -> list[int]:
+    """Lines of `module` that construct an OpenVINO Core (`ov.Core()`, `openvino.Core()`, `Core()`)."""
+    lines = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if name == "Core":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_process_has_one_openvino_core():
+    """Every Core comes from `qmedsam.inference.ov_core.shared_core` (its docstring: a second Core's CPU plugin
+    left the thread's alternate signal stack unmapped, and the next Ctrl-C killed the process with SIGSEGV)."""
+    made = {module: lines for module in MODULES if (lines := core_constructions(module))}
+    assert (
+        made == {"qmedsam.inference.ov_core": made.get("qmedsam.inference.ov_core")}
+        and made["qmedsam.inference.ov_core"]
+    )

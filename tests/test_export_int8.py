@@ -19,6 +19,7 @@ from qmedsam.export.int8 import INT8_PRECISIONS, int8_coverage, real_slices, ver
 from qmedsam.export.int8_parity import ParityThresholds, decompose_fake_quantize, ir_to_check, unit_parity
 from qmedsam.export.parity import compare_engines
 from qmedsam.inference.machine import cpu_flags, exact_int8_dot_products
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine, layer_precisions
 from qmedsam.model.calibrate import calibrate, model_inputs
 from qmedsam.model.quant import QuantSpec, load_litemedsam
@@ -125,9 +126,8 @@ def test_conv_and_fully_connected_layers_run_in_int8(int8_dir):
     """Read back from the CPU plugin, not assumed: every encoder Conv/FC runs i8/u8; in the decoder all but the
     prompt encoder's, float by design: its two Fourier-feature projections (the box's corners and the clicks) and
     the click map's mask-prompt convolutions (three on the map, three on an empty map)."""
-    import openvino as ov
 
-    core = ov.Core()
+    core = shared_core()
     prompt_encoder_float = {"FullyConnected:f32": 2, "Convolution:f32": 6}
     for part, allowed_float in (("encoder", {}), ("decoder", prompt_encoder_float)):
         compiled = core.compile_model(str(int8_dir / f"{part}.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -204,7 +204,7 @@ def test_decomposed_fake_quantize_is_the_op_in_f32():
     )
     model = ov.Model([opset13.result(conv)], [x])
     sample = np.random.default_rng(1).uniform(-0.5, 2.5, (1, 4, 8, 8)).astype(np.float32)
-    core = ov.Core()
+    core = shared_core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     decomposed = core.compile_model(decompose_fake_quantize(model), "CPU", config)
     got = decomposed(sample)[0]

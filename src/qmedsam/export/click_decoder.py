@@ -28,6 +28,7 @@ from qmedsam.export.int8_parity import ParityThresholds, _required, ir_to_check
 from qmedsam.export.parity import MaskAgreement, ParitySample
 from qmedsam.export.staging import staged_directory
 from qmedsam.inference.model_dir import encoder_sha256, read_model_meta
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def convert_decoder_qcdq(model, out_dir: Path) -> None:
 
     onnx_path = out_dir / "decoder.onnx"
     export_decoder_onnx(model, onnx_path)
-    decoder = ov.Core().read_model(str(onnx_path))
+    decoder = shared_core().read_model(str(onnx_path))
     name_io(decoder, list(DECODER_INPUTS), "low_res_masks")
     ov.save_model(decoder, str(out_dir / "decoder.xml"), compress_to_fp16=False)
     del decoder

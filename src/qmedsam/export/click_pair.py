@@ -18,12 +18,12 @@ from qmedsam.errors import UserFacingError
 from qmedsam.files import atomic_write_bytes
 from qmedsam.inference.decoder_io import takes_clicks
 from qmedsam.inference.model_dir import CLICK_DECODER_FILES, encoder_sha256, read_model_meta
+from qmedsam.inference.ov_core import shared_core
 
 
 def attach_click_decoder(into: Path, click_model: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy `click_model`'s decoder into `into` as click_decoder.xml/.bin and record it in `into`'s meta.json
     (`click_decoder`: its source, int8 coverage, parity, plus `record`); returns that record."""
-    import openvino as ov
 
     target_meta = read_model_meta(into)
     click_meta = read_model_meta(click_model)
@@ -32,7 +32,7 @@ def attach_click_decoder(into: Path, click_model: Path, record: dict[str, Any] |
             f"{click_model}: its encoder differs from {into}'s; a click decoder reads only the encoder it was "
             "trained on (train it with encoder_model set to this folder)"
         )
-    if not takes_clicks(ov.Core().read_model(str(click_model / "decoder.xml"))):
+    if not takes_clicks(shared_core().read_model(str(click_model / "decoder.xml"))):
         raise UserFacingError(f"{click_model / 'decoder.xml'}: takes no clicks (inputs points, point_labels)")
     for source, name in zip(("decoder.xml", "decoder.bin"), CLICK_DECODER_FILES, strict=True):
         atomic_write_bytes(into / name, (click_model / source).read_bytes())

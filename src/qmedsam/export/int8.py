@@ -28,6 +28,7 @@ from qmedsam.export.fp32 import base_meta, example_decoder_inputs, name_io, writ
 from qmedsam.export.int8_parity import ParityThresholds, encoder_units, int8_parity
 from qmedsam.export.parity import ParitySample, compare_engines
 from qmedsam.export.staging import staged_directory
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import OpenVINOEngine, layer_precisions
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,8 @@ def int8_coverage(model_dir: Path) -> dict[str, dict]:
     attention subgraphs, read back from the CPU plugin with the f32 hint (so a layer left unquantized
     shows up as f32, not as bf16), and the share of them that runs in i8/u8. The decoder's prompt-encoder
     layers (float by design) are listed apart and not counted."""
-    import openvino as ov
 
-    core = ov.Core()
+    core = shared_core()
     coverage = {}
     for part in ("encoder", "decoder"):
         original = core.read_model(str(Path(model_dir) / f"{part}.xml"))
@@ -327,7 +327,7 @@ def _convert_qcdq(model, out_dir: Path) -> list[dict[str, str]]:
     )
     export_decoder_onnx(model, onnx_dir / "decoder.onnx")
     units = encoder_units(onnx_dir / "encoder.onnx")
-    core = ov.Core()
+    core = shared_core()
     for part, inputs, output in (
         ("encoder", ["image"], "image_embedding"),
         ("decoder", list(DECODER_INPUTS), "low_res_masks"),

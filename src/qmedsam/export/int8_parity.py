@@ -36,6 +36,7 @@ import numpy as np
 from qmedsam.data.preprocess import preprocess_image
 from qmedsam.export.parity import ParitySample, RememberingEngine, compare_engines
 from qmedsam.inference.machine import exact_int8_dot_products
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import OpenVINOEngine, TorchEngine
 
 ENCODER_UNIT = re.compile(r"^/(patch_embed|neck|layers\.\d+/(?:blocks\.\d+|downsample))/")
@@ -159,7 +160,6 @@ def unit_parity(
 
     `encode` runs `model`'s encoder on a preprocessed image (default: directly); the export passes its
     remembering reference engine so this forward pass is also the end-to-end check's."""
-    import openvino as ov
     import torch
 
     captured: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {unit["module"]: [] for unit in units}
@@ -181,7 +181,7 @@ def unit_parity(
             handle.remove()
     if samples and any(not pairs for pairs in captured.values()):  # a remembered image is not run again
         raise RuntimeError("unit parity: the encoder never ran (were all its outputs already remembered?)")
-    core = ov.Core()
+    core = shared_core()
     ir = core.read_model(str(encoder_xml))
     results = {}
     for unit in units:
@@ -241,7 +241,7 @@ def write_decomposed_copy(model_dir: Path, target: Path) -> Path:
 
     import openvino as ov
 
-    core = ov.Core()
+    core = shared_core()
     target.mkdir(parents=True, exist_ok=True)
     for part in ("encoder", "decoder"):
         model = decompose_fake_quantize(core.read_model(str(Path(model_dir) / f"{part}.xml")))

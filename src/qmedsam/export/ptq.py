@@ -22,6 +22,7 @@ from qmedsam.export.int8 import verify_ir
 from qmedsam.export.parity import ParitySample
 from qmedsam.export.staging import staged_directory
 from qmedsam.inference.decoder_io import decoder_feed
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import TorchEngine
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,10 @@ log = logging.getLogger(__name__)
 
 def _calibration_items(fp32_dir: Path, samples: Sequence[ParitySample]) -> tuple[list, list]:
     """Encoder inputs and decoder inputs (dicts keyed by IR input names) from real slices."""
-    import openvino as ov
 
     from qmedsam.model.calibrate import model_inputs
 
-    core = ov.Core()
+    core = shared_core()
     encoder = core.compile_model(str(fp32_dir / "encoder.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     decoder = core.read_model(str(fp32_dir / "decoder.xml"))
     images, prompts = [], []
@@ -51,7 +51,7 @@ def quantize_ir(fp32_dir: Path, out_dir: Path, samples: Sequence[ParitySample]) 
     import openvino as ov
 
     images, prompts = _calibration_items(fp32_dir, samples)
-    core = ov.Core()
+    core = shared_core()
     settings = {"model_type": "TRANSFORMER", "preset": "PERFORMANCE (NNCF default)", "subset_size": len(images)}
     for part, items in (("encoder", images), ("decoder", prompts)):
         model = core.read_model(str(fp32_dir / f"{part}.xml"))

@@ -25,6 +25,7 @@ from qmedsam.evaluate.metrics import mean_mask_dice
 from qmedsam.files import atomic_write_bytes
 from qmedsam.inference.decoder_io import decoder_feed
 from qmedsam.inference.machine import cpu_name, median_ms, native_bf16
+from qmedsam.inference.ov_core import shared_core
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,10 @@ def measure_precision(
     min_agreement: float,
 ) -> PrecisionChoice:
     """Time each part at each candidate hint and score its masks against f32 on the probe."""
-    import openvino as ov
 
     if "f32" not in candidates:
         candidates = ("f32", *candidates)  # f32 is the accuracy reference and the fallback
-    core = ov.Core()
+    core = shared_core()
     compiled = {}
     for part in PARTS:
         for hint in candidates:

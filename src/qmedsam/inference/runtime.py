@@ -19,6 +19,7 @@ from qmedsam.errors import UserFacingError
 from qmedsam.files import default_cache_root
 from qmedsam.inference.decoder_io import checked_clicks, decoder_feed, takes_clicks
 from qmedsam.inference.model_dir import click_decoder_path, read_model_meta
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.precision import PRECISION_CHOICES, choose_precision, compile_config
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,6 @@ class OpenVINOEngine:
         num_threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        import openvino as ov
 
         if precision not in PRECISION_CHOICES:
             raise UserFacingError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
@@ -122,7 +122,7 @@ class OpenVINOEngine:
         same = self.hints["encoder"] == self.hints["decoder"]
         self.precision = self.hints["encoder"] if same else f"{self.hints['encoder']}/{self.hints['decoder']}"
         self.name = f"openvino-{self.meta.get('precision', 'fp32')}-{self.precision}"
-        core = ov.Core()
+        core = shared_core()
         encoder_config = compile_config(self.hints["encoder"], cache, num_threads)
         decoder_config = compile_config(self.hints["decoder"], cache, num_threads)
         self.encoder = core.compile_model(str(self.model_dir / "encoder.xml"), "CPU", encoder_config)
@@ -161,9 +161,7 @@ class OpenVINOEngine:
 
     def _click_decoder(self):
         if self._click_request is None:
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(str(self._click_decoder_xml), "CPU", self._decoder_config)
+            compiled = shared_core().compile_model(str(self._click_decoder_xml), "CPU", self._decoder_config)
             if not takes_clicks(compiled):
                 raise UserFacingError(f"{self._click_decoder_xml}: has no click inputs (points, point_labels)")
             self._click_request = compiled.create_infer_request()

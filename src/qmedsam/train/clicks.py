@@ -49,6 +49,7 @@ from qmedsam.export.int8_parity import ir_to_check
 from qmedsam.files import atomic_write_bytes, sha256_file
 from qmedsam.inference.click_reach import local_edit
 from qmedsam.inference.model_dir import encoder_sha256, is_model_dir, read_model_meta, shipped_int8_model_dir
+from qmedsam.inference.ov_core import shared_core
 from qmedsam.inference.runtime import OpenVINOEngine
 from qmedsam.model.litemedsam import load_pretrained_litemedsam
 from qmedsam.model.weights import pretrained_weights_path
@@ -95,7 +96,7 @@ def float_teacher_encoder(model: nn.Module):
         converted = ov.convert_model(
             model.image_encoder, example_input=torch.zeros(1, 3, 256, 256), input=[[1, 3, 256, 256]]
         )
-    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = shared_core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
 
     def encode(image: np.ndarray) -> np.ndarray:
