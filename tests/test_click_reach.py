@@ -70,20 +70,39 @@ def test_volume_clicks_apply_in_order_and_accumulate_per_slice():
     assert clicks.apply(6, 10.0, 10.0, 0) == [6]  # already empty there: changes nothing, carries nowhere
 
 
-def test_a_click_changes_only_the_region_it_is_connected_to():
-    before = _disc((40, 40), (20, 20), 8)
-    # the decoder, given an include click at (20, 33) just outside, grows the mask there but also drops a part far
-    # away and adds a blob elsewhere: only the growth connected to the click is taken
-    after = (before | _disc((40, 40), (20, 33), 4) | _disc((40, 40), (5, 5), 2)) & ~_disc((40, 40), (20, 12), 3)
-    edited = local_edit(before, after, (20, 33), 1)
-    grown = after & ~before
-    assert edited[20, 33] and (edited >= before).all()  # only adds
+def test_a_click_changes_only_the_region_it_is_connected_to_and_no_farther_than_itself():
+    before = _disc((40, 40), (20, 20), 8)  # x from 12 to 28 on row 20
+    # the decoder, given an include click at (20, 31), 3 px outside the mask, grows the mask there (a disc
+    # reaching x = 36) but also drops a part far away and adds a blob elsewhere
+    after = (before | _disc((40, 40), (20, 32), 4) | _disc((40, 40), (5, 5), 2)) & ~_disc((40, 40), (20, 12), 3)
+    edited = local_edit(before, after, (20, 31), 1)
+    assert edited[20, 31] and edited[20, 29] and (edited >= before).all()  # only adds, up to the click
+    assert not edited[20, 32] and not edited[20, 35]  # the decoder's growth beyond the click is not taken
     assert not edited[5, 5]  # the unconnected blob is not taken
-    assert np.array_equal(edited, before | (grown & _disc((40, 40), (20, 33), 5)))
-    # an exclude click inside removes only the part the decoder dropped connected to it
-    dropped = local_edit(before, after, (20, 12), 0)
-    assert not dropped[20, 12] and (dropped <= before).all() and dropped.sum() < before.sum()
-    assert np.array_equal(dropped, before & ~_disc((40, 40), (20, 12), 3))
+    added = np.argwhere(edited & ~before)
+    assert np.hypot(added[:, 0] - 20, added[:, 1] - 20).max() <= 8 + 3 + 1  # no farther out than the click
+    assert not (edited & ~before & ~after).any()  # it adds nothing the decoder did not give
+    # an exclude click at depth 4 inside (x = 15): the decoder drops a disc reaching x = 18; only the pixels no
+    # deeper than the click go
+    after = before & ~_disc((40, 40), (20, 13), 5)
+    dropped = local_edit(before, after, (20, 15), 0)
+    assert not dropped[20, 15] and not dropped[20, 12] and (dropped <= before).all()
+    assert dropped[20, 17] and dropped[20, 18]  # deeper than the click: kept
+    assert np.array_equal(dropped | ~after, before | ~after)  # only what the decoder dropped goes
     # where the decoder did not follow the click, nothing changes
     assert np.array_equal(local_edit(before, before, (20, 20), 0), before)
     assert np.array_equal(local_edit(before, after, (20, 20), 1), before)  # include on foreground: nothing to add
+    # an include click on an empty mask takes the decoder's region connected to it, whole
+    empty = np.zeros((40, 40), bool)
+    assert np.array_equal(local_edit(empty, before, (20, 20), 1), before)
+
+
+def test_an_exclude_click_on_a_rim_never_empties_the_object():
+    """The failure that bounded the edit: a small nucleus's mask with a false-positive rim; given an exclude
+    click in the rim, the decoder dropped the whole nucleus. The edit peels only as deep as the click."""
+    before = _disc((40, 40), (20, 20), 7)
+    click = (20, 15)  # depth 3 (x = 13 is the mask's edge)
+    dropped = local_edit(before, np.zeros_like(before), click, 0)
+    assert not dropped[click] and dropped[20, 20] and dropped.sum() > before.sum() // 4
+    # in mm: a 2 mm pixel pitch across x makes the same click no deeper, relative to the edge, than before
+    assert np.array_equal(local_edit(before, np.zeros_like(before), click, 0, (2.0, 2.0)), dropped)

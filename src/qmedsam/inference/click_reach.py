@@ -3,17 +3,21 @@
 On its slice (`local_edit`): the decoder, given the box and the clicks, re-predicts the whole mask, and away
 from the click it may undo what the box got right (a click-trained decoder still shrank a 670-pixel nucleus to
 384 pixels for an include click on it). So a click only adds (include) or removes (exclude) the region the
-decoder changed that is connected to the click; the rest of the mask stays. Clicks are applied in order, each on
-the mask the ones before it left, so the result is still a function of the box and the clicks (stateless).
+decoder changed that is connected to the click, and no farther than the click itself: an include click grows
+the mask outward up to the click's own distance from it, an exclude click peels it inward down to the click's
+own depth in it (a click says "the mask should reach here" or "stop here", not "and beyond"; unbounded, an
+exclude click on a small nucleus's false-positive rim emptied the whole nucleus). The rest of the mask stays.
+Clicks are applied in order, each on the mask the ones before it left, so the result is still a function of
+the box and the clicks (stateless).
 
 Across slices: a 2D decoder corrects only the slice a click lands on, while the error a user clicks on is a 3D region
 spanning many slices; correcting one slice of dozens barely moves a volume's Dice. So a click carries to the
-next slices, each way, as far as its own correction reached in-plane: the region the click changed on its
-slice (mask before XOR after, the part connected to the click) has an in-plane depth at the click (distance to
-that region's border, in mm); an error region is assumed about as deep in z as in-plane, so the click is
-repeated on the slices within that distance. It stops early where the mask there already agrees with the click
-(an include click on foreground, an exclude click on background: that error does not go on) and at the ends
-of the object's slice range (the box's z extent).
+next slices, each way, as far as the decoder's correction reached in-plane: the region the decoder changed on
+the click's slice (mask before XOR decoded, the part connected to the click) has an in-plane depth at the click
+(distance to that region's border, in mm); an error region is assumed about as deep in z as in-plane, so the
+click is repeated on the slices within that distance. It stops early where the mask there already agrees with
+the click (an include click on foreground, an exclude click on background: that error does not go on) and at
+the ends of the object's slice range (the box's z extent).
 """
 
 from __future__ import annotations
@@ -70,15 +74,31 @@ def carried_slices(
     return carried
 
 
-def local_edit(before: np.ndarray, after: np.ndarray, point_yx: tuple[int, int], label: int) -> np.ndarray:
+def local_edit(
+    before: np.ndarray,
+    after: np.ndarray,
+    point_yx: tuple[int, int],
+    label: int,
+    spacing_yx: tuple[float, float] = (1.0, 1.0),
+) -> np.ndarray:
     """`before` changed only where the click asked: an include click adds the part of `after` beyond `before`
-    connected to the click; an exclude click removes the part of `before` that `after` drops, connected to the
-    click. Whatever else the decoder changed is ignored (a click fixes the error it was put on)."""
+    connected to the click and no farther from `before` than the click is; an exclude click removes the part
+    of `before` that `after` drops, connected to the click and no deeper in `before` than the click is.
+    Whatever else the decoder changed is ignored (a click fixes the error it was put on). Distances in the
+    pixel spacing `spacing_yx`; an include click on an empty mask takes the decoder's region as it is."""
     before, after = np.asarray(before, bool), np.asarray(after, bool)
     changed = (after & ~before) if label == INCLUDE else (before & ~after)
     y, x = point_yx
     if not changed[y, x]:
         return before.copy()
+    if label == INCLUDE:
+        # distance to the mask; an empty mask sets no bound
+        distance = ndimage.distance_transform_edt(~before, sampling=spacing_yx) if before.any() else None
+    else:
+        # depth in the mask, the image edge counting as outside (like the protocol's border distance)
+        distance = ndimage.distance_transform_edt(np.pad(before, 1), sampling=spacing_yx)[1:-1, 1:-1]
+    if distance is not None:
+        changed &= distance <= distance[y, x]
     components, _ = ndimage.label(changed, structure=np.ones((3, 3), bool))
     region = components == components[y, x]
     return (before | region) if label == INCLUDE else (before & ~region)
@@ -113,6 +133,8 @@ class VolumeClicks:
         self.on_slice: dict[int, list[tuple[float, float, int]]] = {}  # z -> [(x, y, label)]
 
     def _decode(self, z: int, x: float, y: float, label: int) -> np.ndarray:
+        """Re-decode slice `z` with its clicks plus this one and keep the local edit; the decoded mask itself
+        is returned (how far the decoder's correction reached decides the carry)."""
         clicks = self.on_slice.setdefault(z, [])
         clicks.append((x, y, label))
         points = np.array([[cx, cy] for cx, cy, _ in clicks], dtype=np.float64)
@@ -120,16 +142,16 @@ class VolumeClicks:
         decoded = self.decode(z, points, labels)
         before = self.masks.get(z)
         before = np.zeros_like(decoded) if before is None else before
-        self.masks[z] = local_edit(before, decoded, _pixel(y, x, decoded.shape), label)
-        return self.masks[z]
+        self.masks[z] = local_edit(before, decoded, _pixel(y, x, decoded.shape), label, self.spacing[1:])
+        return decoded
 
     def apply(self, z: int, y: float, x: float, label: int) -> list[int]:
         """Apply one click at (z, y, x) (y, x in pixels: the decoder gets them as given, the masks are read at
         the nearest pixel); the slices whose masks were re-decoded, the clicked one first."""
         before = self.masks.get(z)
-        after = self._decode(z, x, y, label)
-        pixel = _pixel(y, x, after.shape)
-        reach = click_reach_mm(np.zeros_like(after) if before is None else before, after, pixel, self.spacing[1:])
+        decoded = self._decode(z, x, y, label)
+        pixel = _pixel(y, x, decoded.shape)
+        reach = click_reach_mm(np.zeros_like(decoded) if before is None else before, decoded, pixel, self.spacing[1:])
         carried = carried_slices(z, reach, self.spacing[0], self.z_range, pixel, label, self.masks.get)
         for here in carried:
             self._decode(here, x, y, label)
