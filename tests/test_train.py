@@ -29,7 +29,8 @@ from qmedsam.train.progress import read_metrics
 
 REPO = Path(__file__).parent.parent
 STAGES = REPO / "configs" / "train"
-SMALL = ["batch_size=1", "num_workers=0", "threads=1", "calib_slices=2", "val_max_slices=2"]
+SMALL = ["batch_size=1", "num_workers=0", "threads=1", "calib_slices=2", "val_max_slices=1"]
+"""Real runs kept short: one sample per step, two calibration slices, one validation slice per validation."""
 SINGLE_PROCESS = [*SMALL[:2], "threads=2", *SMALL[3:]]
 """A single-process run uses both cores (a 2-rank torchrun gets one thread per rank)."""
 
