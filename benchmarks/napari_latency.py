@@ -7,7 +7,9 @@ Labels layer updated (before the screen redraw). Reported per model:
 - first box on a new 2D image (encode + decode), later boxes on it (decoder only), median;
 - a click on a drawn 2D box (the decoder alone, every click so far with the box), median of 5, when the model's
   decoder takes clicks;
-- a 3D box over every slice of a volume (each slice encoded once), then a second box on the same slices.
+- a 3D box over every slice of a volume (each slice encoded once), then a second box on the same slices;
+- a click on that 3D box's middle slice (the object again from its box and clicks, each click carried to the
+  slices it reaches; the decoder alone), median of 5.
 
     python benchmarks/napari_latency.py --fp32 runs/compare/fp32 [--json out.json]
 """
@@ -40,12 +42,15 @@ def _draw(widget: SegmentWidget, boxes) -> list[float]:
     return shown
 
 
-def _click(viewer, widget: SegmentWidget, x: float, y: float, exclude: bool) -> float:
-    """A mouse click at image pixel (x, y) through napari's canvas handlers, as a user's (Shift: exclude)."""
+def _click(viewer, widget: SegmentWidget, x: float, y: float, exclude: bool, z: int | None = None) -> float:
+    """A mouse click at image pixel (x, y) (of slice z) through napari's canvas handlers, as a user's (Shift:
+    exclude)."""
     from vispy.app.canvas import MouseEvent
 
     widget.clicks_button.click()
-    world = widget.image_layer.data_to_world((y, x))
+    if z is not None:
+        viewer.dims.set_current_step(0, z)
+    world = widget.image_layer.data_to_world((y, x) if z is None else (z, y, x))
     canvas = viewer.window._qt_viewer.canvas
     position = (canvas.view.transform * canvas.view.scene.transform).map([world[-1], world[-2]])[:2]
     modifiers = ("Shift",) if exclude else ()
@@ -55,13 +60,14 @@ def _click(viewer, widget: SegmentWidget, x: float, y: float, exclude: bool) -> 
     return widget.timings[-1].shown_ms
 
 
-def _clicks(viewer, widget: SegmentWidget, box) -> list[float]:
-    """Five clicks on the first box's object, alternately include and exclude, inside its box."""
+def _clicks(viewer, widget: SegmentWidget, box, z: int | None = None) -> list[float]:
+    """Five clicks on the first box's object (on slice z of a volume), alternately include and exclude, inside
+    its box."""
     widget.boxes_layer.selected_data = {0}
     x0, y0, x1, y1 = (float(v) for v in box)
     spots = [(0.5, 0.5), (0.15, 0.15), (0.6, 0.4), (0.85, 0.85), (0.4, 0.6)]
     return [
-        _click(viewer, widget, x0 + fx * (x1 - x0), y0 + fy * (y1 - y0), exclude=i % 2 == 1)
+        _click(viewer, widget, x0 + fx * (x1 - x0), y0 + fy * (y1 - y0), exclude=i % 2 == 1, z=z)
         for i, (fx, fy) in enumerate(spots)
     ]
 
@@ -87,6 +93,8 @@ def measure(model: str, cases: Path, later: int) -> dict[str, float]:
     box_3d = volume.boxes[0].copy()
     box_3d[2], box_3d[5] = 0, volume.image.shape[0] - 1
     shown_3d = _draw(widget, [box_3d, box_3d + [4, 4, 0, -4, -4, 0]])
+    middle = volume.image.shape[0] // 2
+    clicked_3d = _clicks(viewer, widget, box_3d[[0, 1, 3, 4]], z=middle) if takes_clicks else [float("nan")]
     viewer.close()
     return {
         "first box after choosing the model (ms)": first_after_model,
@@ -95,6 +103,7 @@ def measure(model: str, cases: Path, later: int) -> dict[str, float]:
         "a click on a drawn box, median of 5 (ms)": statistics.median(clicked),
         f"3D box over {volume.image.shape[0]} slices, first (ms)": shown_3d[0],
         "3D box, second on the same slices (ms)": shown_3d[1],
+        f"a click on the 3D box ({volume.image.shape[0]} slices), median of 5 (ms)": statistics.median(clicked_3d),
     }
 
 

@@ -290,7 +290,7 @@ def test_a_boxes_only_model_refuses_clicks_up_front(make_napari_viewer, qtbot, d
     assert "takes boxes only" in widget.status_label.text()
 
 
-def test_clicks_on_a_volume_refine_their_slice_and_round_trip_through_json(
+def test_clicks_on_a_volume_refine_the_object_like_the_api_and_round_trip_through_json(
     make_napari_viewer, qtbot, small_cases_dir, fp32_model_dir, fp32_segmenter, tmp_path
 ):
     path = small_cases_dir / "3D_MR_TotalSeg_0001.npz"
@@ -310,7 +310,6 @@ def test_clicks_on_a_volume_refine_their_slice_and_round_trip_through_json(
     before = widget.masks_layer.data.copy()
     z = (z0 + z1) // 2
     fp32_segmenter.set_image(case.image)
-    box_2d = [x0, y0, x1, y1]
 
     _click(viewer, widget, (x0 + x1) / 2, (y0 + y1) / 2, z=z)
     _wait(qtbot, widget)
@@ -318,10 +317,20 @@ def test_clicks_on_a_volume_refine_their_slice_and_round_trip_through_json(
     _wait(qtbot, widget)
     clicks = widget.object_clicks(label)
     assert clicks[:, 2].tolist() == [z, z] and clicks[:, 3].tolist() == [1, 0]  # on the slice they were made on
-    np.testing.assert_array_equal(widget.masks_layer.data[z] == label, _clicked_mask(fp32_segmenter, box_2d, clicks, z))
-    others = [k for k in range(depth) if k != z]
-    np.testing.assert_array_equal(widget.masks_layer.data[others], before[others])  # one slice decoded again
-    assert [t.slices for t in widget.timings[-2:]] == [1, 1] and widget._segmenter.encoded_slices == depth
+    # the object's mask is the API's for its 3D box and clicks (each click carried to the slices it reaches)
+    spacing = tuple(float(v) for v in widget.image_layer.scale[-3:])
+    object_mask = fp32_segmenter.predict(
+        case.boxes[row], points=clicks[:, :3], point_labels=clicks[:, 3], spacing=spacing
+    )
+    expected = before.copy()
+    expected[expected == label] = 0
+    expected[object_mask] = label
+    np.testing.assert_array_equal(widget.masks_layer.data, expected)  # the other objects stay
+    assert [t.slices for t in widget.timings[-2:]] == [z1 - z0 + 1] * 2 and [t.clicks for t in widget.timings[-2:]] == [
+        1,
+        2,
+    ]
+    assert widget._segmenter.encoded_slices == depth  # the decoder alone: no slice encoded again
 
     # a click on a slice outside the selected object's box is refused
     short = int(np.argmin(case.boxes[:, 5] - case.boxes[:, 2]))
@@ -333,14 +342,15 @@ def test_clicks_on_a_volume_refine_their_slice_and_round_trip_through_json(
     assert len(widget.clicks_layer.data) == 2 and "outside object" in widget.status_label.text()
     assert not widget.busy
 
-    # "Segment all boxes" keeps every object's clicks on their slices (later boxes on top, as always)
+    # "Segment all boxes" keeps every object's clicks (later boxes on top, as always)
     widget.segment_all()
     _wait(qtbot, widget)
     expected = np.zeros_like(widget.masks_layer.data[z])
     for i, (bx0, by0, bz0, bx1, by1, bz1) in enumerate(case.boxes):
-        if bz0 <= z <= bz1:
-            object_clicks = clicks if i == row else np.zeros((0, 4))
-            expected[_clicked_mask(fp32_segmenter, [bx0, by0, bx1, by1], object_clicks, z)] = i + 1
+        if i == row:
+            expected[object_mask[z]] = i + 1
+        elif bz0 <= z <= bz1:
+            expected[_clicked_mask(fp32_segmenter, [bx0, by0, bx1, by1], np.zeros((0, 4)), z)] = i + 1
     np.testing.assert_array_equal(widget.masks_layer.data[z], expected)
     assert widget._segmenter.encoded_slices == depth
 

@@ -78,6 +78,24 @@ def test_interactive_volume_slices_and_3d_boxes(segmenter: Segmenter, demo_dir: 
     assert segmenter.encoded_slices == z1 - z0 + 1  # slice z0 came from the cache
 
 
+def test_a_box_decoded_again_gives_its_own_mask_for_each_image(segmenter: Segmenter, demo_dir: Path):
+    """`predict` keeps box-only slice masks (clicks on an object then skip its box's decode): a kept mask is
+    never the caller's array, and a new image never gets the old image's masks."""
+    case = read_case(demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz")
+    segmenter.set_image(case.image)
+    first = segmenter.predict(case.boxes[0])
+    first_copy = first.copy()
+    first[:] = ~first  # the caller's array is the caller's
+    np.testing.assert_array_equal(segmenter.predict(case.boxes[0]), first_copy)
+    flipped = np.ascontiguousarray(case.image[::-1])
+    segmenter.set_image(flipped)
+    fresh = Segmenter(engine=segmenter.engine)
+    fresh.set_image(flipped)
+    on_flipped = segmenter.predict(case.boxes[0])
+    np.testing.assert_array_equal(on_flipped, fresh.predict(case.boxes[0]))
+    assert not np.array_equal(on_flipped, first_copy)
+
+
 def test_bad_input_is_named(segmenter: Segmenter, demo_dir: Path):
     fresh = Segmenter(engine=segmenter.engine)
     with pytest.raises(UserFacingError, match="set_image"):

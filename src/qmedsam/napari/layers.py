@@ -35,13 +35,11 @@ def no_clicks() -> np.ndarray:
 @dataclass(frozen=True)
 class BoxJob:
     """One box to segment: `label` is painted where its mask is; `box` is in the case format. `clicks` (N, 4)
-    rows (x, y, z, label) are the object's clicks (z = 0 in 2D), each used on its own slice; `z` set: a click job
-    on a volume, only that slice is decoded again (the rest of the object's mask stays)."""
+    rows (x, y, z, label) are the object's clicks (z = 0 in 2D) in the order they were made."""
 
     label: int
     box: np.ndarray
     clicks: np.ndarray = field(default_factory=no_clicks)
-    z: int | None = None
     from_slice: tuple[int, int] | None = None  # (axis, index): `box` [x0, y0, x1, y1] on that slice finds the object
 
     @property

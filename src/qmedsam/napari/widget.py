@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -363,15 +363,8 @@ class SegmentWidget(QWidget):
         return jobs
 
     def _add_job(self, job: BoxJob) -> None:
-        """Queue `job`, replacing what it supersedes: a whole-object job replaces every queued job of the object;
-        a click job (one slice) replaces the object's queued job on that slice, or joins a queued whole-object
-        job (which becomes this one, with the clicks as they are now)."""
-        same = [q.job for q in self._queue if q.job.label == job.label]
-        if job.z is not None and any(other.z is None for other in same):
-            job = replace(job, z=None)
-        self._queue = deque(
-            q for q in self._queue if q.job.label != job.label or (job.z is not None and q.job.z != job.z)
-        )
+        """Queue `job`, replacing the object's queued job (it is computed with the box and clicks as they are now)."""
+        self._queue = deque(q for q in self._queue if q.job.label != job.label)
         self._queue.append(_Queued(job))
 
     def _job_for(self, row: int) -> BoxJob:
@@ -536,9 +529,11 @@ class SegmentWidget(QWidget):
         self._enqueue_clicks(touched)
 
     def _enqueue_clicks(self, touched: set[tuple[int, int]]) -> None:
-        """Re-run each (object, slice) whose clicks changed: in 2D the object, on a volume that slice alone."""
+        """Re-run each object whose clicks changed, from its box and all its clicks (on a volume a click also
+        carries to the neighbouring slices its correction reaches, as `Segmenter.predict` with a 3D box does;
+        the slices' embeddings are cached, so only the decoder runs)."""
         rows = {int(label): row for row, label in enumerate(self.boxes_layer.features["label"]) if int(label)}
-        for label, z in sorted(touched):
+        for label in sorted({label for label, _ in touched}):
             if label not in rows:
                 continue
             try:
@@ -548,10 +543,6 @@ class SegmentWidget(QWidget):
                 continue
             if job.from_slice is not None:
                 continue
-            if job.is_3d:
-                if not job.box[2] <= z <= job.box[5]:
-                    continue
-                job = replace(job, z=z)
             self._add_job(job)
         self._run_next()
 
@@ -667,18 +658,20 @@ class SegmentWidget(QWidget):
             yield 0, 1
             mask = segmenter.predict(job.box, **job.clicks_on(0))
             slices = 1
-        elif job.z is not None:  # a click: that slice alone
+        elif len(job.clicks):  # the box, then its clicks in order, each carried to the slices it reaches
             yield 0, 1
-            x0, y0, _, x1, y1, _ = (int(v) for v in job.box)
-            mask = segmenter.predict([x0, y0, x1, y1], z=job.z, **job.clicks_on(job.z))
-            slices = 1
+            valid = spacing is not None and all(np.isfinite(v) and v > 0 for v in spacing)
+            mask = segmenter.predict(
+                job.box, points=job.clicks[:, :3], point_labels=job.clicks[:, 3], spacing=spacing if valid else None
+            )
+            slices = int(job.box[5] - job.box[2]) + 1
         else:
             x0, y0, z0, x1, y1, z1 = (int(v) for v in job.box)
             mask = np.zeros(data.shape, dtype=bool)
             slices = z1 - z0 + 1
             for done, z in enumerate(range(z0, z1 + 1)):
                 yield done, slices
-                mask[z] = segmenter.predict([x0, y0, x1, y1], z=z, **job.clicks_on(z))
+                mask[z] = segmenter.predict([x0, y0, x1, y1], z=z)
         encode_ms = (segmenter.encode_seconds - encode_s) * 1000
         timing = Timing(
             job.label,
@@ -686,7 +679,7 @@ class SegmentWidget(QWidget):
             segmenter.encoded_slices - encoded,
             encode_ms,
             (time.perf_counter() - started) * 1000 - encode_ms,
-            clicks=len(job.clicks) if job.z is None else len(job.clicks_on(job.z).get("points", ())),
+            clicks=len(job.clicks),
         )
         return job, mask, timing
 
@@ -698,12 +691,12 @@ class SegmentWidget(QWidget):
     def _on_result(self, result) -> None:
         job, mask, timing = result
         if job.label in {int(v) for v in self.boxes_layer.features["label"]}:  # not deleted meanwhile
-            paint(self.masks_layer.data if job.z is None else self.masks_layer.data[job.z], job.label, mask)
+            paint(self.masks_layer.data, job.label, mask)
             self.masks_layer.refresh()
         timing.shown_ms = (time.perf_counter() - self._running.queued_at) * 1000
         self.timings.append(timing)
         self.progress.setValue(self.progress.maximum())
-        what = f"box {job.label}" if job.z is None else f"box {job.label} on slice {job.z}"
+        what = f"box {job.label}"
         if timing.clicks:
             what += f" with {timing.clicks} click{'s' if timing.clicks > 1 else ''}"
         self._say(
