@@ -12,6 +12,7 @@ import pytest
 from qmedsam import Segmenter
 from qmedsam.data.cases import CaseError, read_case
 from qmedsam.errors import UserFacingError
+from qmedsam.inference.model_dir import shipped_int8_model_dir
 from qmedsam.inference.runtime import OpenVINOEngine
 from qmedsam.inference.segment import segment_case
 
@@ -79,8 +80,8 @@ def test_interactive_volume_slices_and_3d_boxes(segmenter: Segmenter, demo_dir: 
 
 
 def test_a_box_decoded_again_gives_its_own_mask_for_each_image(segmenter: Segmenter, demo_dir: Path):
-    """`predict` keeps box-only slice masks (clicks on an object then skip its box's decode): a kept mask is
-    never the caller's array, and a new image never gets the old image's masks."""
+    """`predict` keeps decoded slice masks (a new click then costs one decoder call): a kept mask is never the
+    caller's array, and a new image never gets the old image's masks."""
     case = read_case(demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz")
     segmenter.set_image(case.image)
     first = segmenter.predict(case.boxes[0])
@@ -94,6 +95,27 @@ def test_a_box_decoded_again_gives_its_own_mask_for_each_image(segmenter: Segmen
     on_flipped = segmenter.predict(case.boxes[0])
     np.testing.assert_array_equal(on_flipped, fresh.predict(case.boxes[0]))
     assert not np.array_equal(on_flipped, first_copy)
+
+
+def test_clicks_added_one_at_a_time_give_the_masks_of_a_fresh_segmenter(demo_dir: Path, ov_cache_dir: Path):
+    """Each call with one more click reuses the kept masks of the calls before; the result is the mask a
+    segmenter that never saw the earlier calls gives (the shipped click decoder: its third click here changes
+    the mask, so a memo that ignored the clicks would fail)."""
+    engine = OpenVINOEngine(shipped_int8_model_dir(), cache_dir=ov_cache_dir)
+    case = read_case(demo_dir / "cases" / "2D_CT_TotalSeg_0001.npz")
+    image = np.ascontiguousarray(case.image[::-1])
+    x0, y0, x1, y1 = (float(v) for v in case.boxes[0])
+    points = [[(x0 + x1) / 2, (y0 + y1) / 2], [x1 - 3, y1 - 3], [x0 + 2, (y0 + y1) / 2]]
+    labels = [0, 1, 0]
+    used, fresh = Segmenter(engine=engine), Segmenter(engine=engine)
+    used.set_image(image)
+    fresh.set_image(image)
+    box_only = used.predict(case.boxes[0])
+    for n in (1, 2):
+        used.predict(case.boxes[0], points=points[:n], point_labels=labels[:n])
+    clicked = used.predict(case.boxes[0], points=points, point_labels=labels)
+    np.testing.assert_array_equal(clicked, fresh.predict(case.boxes[0], points=points, point_labels=labels))
+    assert (clicked != box_only).any()
 
 
 def test_bad_input_is_named(segmenter: Segmenter, demo_dir: Path):

@@ -43,9 +43,9 @@ FROM_SLICE_CACHED_SLICES = 128
 """Embeddings kept per view by `segment_from_slice` by default: a second object in the same volume and view reuses
 the slices the first one walked through; 512 MiB at most."""
 
-BOX_MASK_CACHE_BYTES = 64 << 20
-"""Box-only slice masks `predict` keeps for the current image (64 MiB: 256 slices of 512x512), so that clicks on
-an object do not decode its box again on every slice for every click."""
+DECODED_MASK_CACHE_BYTES = 64 << 20
+"""Decoded slice masks `predict` keeps for the current image (64 MiB: 256 slices of 512x512), so that a new
+click on an object costs its own decoder call, not the box's and every earlier click's again."""
 
 
 class Segmenter:
@@ -84,10 +84,11 @@ class Segmenter:
         self._dimension: int | None = None
         self._views: dict[tuple, tuple[PlaneSlices, SliceEncoder]] = {}
         self.last_from_slice: FromSliceResult | None = None
-        # box-only slice masks of the current image: an object's box re-decoded for every click (its mask
-        # before the clicks) costs the decoder once per slice, not once per click (a pure function's memo)
-        self._box_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._box_mask_bytes = 0
+        # decoded slice masks of the current image by (slice, box, clicks): clicks apply in order, each
+        # re-decoding with the clicks before it, so without this an object's Nth click cost N decoder calls
+        # on its slice plus its box on every slice of a volume; with it, one (a pure function's memo)
+        self._decoded_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._decoded_bytes = 0
 
     # -- whole images ------------------------------------------------------------------------------
 
@@ -190,8 +191,8 @@ class Segmenter:
         volume = checked[None] if dimension == 2 else checked
         self._encoder = SliceEncoder(self.engine, volume, max_cached=self.cached_slices)
         self._dimension = dimension
-        self._box_masks.clear()
-        self._box_mask_bytes = 0
+        self._decoded_masks.clear()
+        self._decoded_bytes = 0
 
     @property
     def encoded_slices(self) -> int:
@@ -220,8 +221,8 @@ class Segmenter:
         `segment_2d` paints for the box.
         Clicks apply in order, each re-decoding its slice with the box and the clicks there so far and changing
         the mask only in the region connected to it and no farther than the click (include: added, exclude:
-        removed; qmedsam.inference.click_reach), so a click costs one decoder call per click so far on its
-        slice (the box's own masks are kept for the image: they are decoded once).
+        removed; qmedsam.inference.click_reach). Decoded masks are kept for the image (by slice, box and clicks),
+        so calling again with one more click costs one decoder call (plus the slices it carries to).
         With a 3D box, `points` (N, 3) are (x, y, z) voxel coordinates, and each click also carries to the
         neighbouring slices of the box's z range its correction reaches; `spacing` (z, y, x) in mm makes that
         reach physical (default: cubic voxels). Stateless: the same inputs give the same mask.
@@ -299,20 +300,26 @@ class Segmenter:
         geometry = self._encoder.geometry
         assert geometry is not None
         model_box = scale_boxes(checked.boxes, geometry)
-        if clicks is not None and len(clicks[0]):
-            points, labels = clicks
-            logits = self.engine.decode(embedding, model_box, scale_points(points, geometry)[None], labels[None])
-            return postprocess_logits(logits, geometry)[0]
-        key = (z, checked.boxes[0].tobytes())
-        if key in self._box_masks:
-            self._box_masks.move_to_end(key)
-            return self._box_masks[key].copy()
-        mask = postprocess_logits(self.engine.decode(embedding, model_box), geometry)[0]
-        self._box_masks[key] = mask.copy()
-        self._box_mask_bytes += mask.nbytes
-        while self._box_mask_bytes > BOX_MASK_CACHE_BYTES and len(self._box_masks) > 1:
-            _, dropped = self._box_masks.popitem(last=False)
-            self._box_mask_bytes -= dropped.nbytes
+        with_clicks = clicks is not None and len(clicks[0]) > 0
+        key: tuple = (z, checked.boxes[0].tobytes())
+        if with_clicks:
+            points, labels = (np.ascontiguousarray(a, np.float64) for a in clicks)
+            key += (points.tobytes(), labels.tobytes())
+        if key in self._decoded_masks:
+            self._decoded_masks.move_to_end(key)
+            return self._decoded_masks[key].copy()
+        if with_clicks:
+            logits = self.engine.decode(
+                embedding, model_box, scale_points(points, geometry)[None], labels.astype(np.float32)[None]
+            )
+        else:
+            logits = self.engine.decode(embedding, model_box)
+        mask = postprocess_logits(logits, geometry)[0]
+        self._decoded_masks[key] = mask.copy()
+        self._decoded_bytes += mask.nbytes
+        while self._decoded_bytes > DECODED_MASK_CACHE_BYTES and len(self._decoded_masks) > 1:
+            _, dropped = self._decoded_masks.popitem(last=False)
+            self._decoded_bytes -= dropped.nbytes
         return mask
 
 
