@@ -21,7 +21,7 @@ import napari  # noqa: E402, F401  (a required extra: a broken install must fail
 from qmedsam.data.cases import read_case  # noqa: E402
 from qmedsam.errors import UserFacingError  # noqa: E402
 from qmedsam.napari import io as plugin_io  # noqa: E402
-from qmedsam.napari.layers import box_rectangle  # noqa: E402
+from qmedsam.napari.layers import BoxJob, box_rectangle  # noqa: E402
 from qmedsam.napari.widget import UNDO_KEY, SegmentWidget  # noqa: E402
 from qmedsam.segmenter import Segmenter  # noqa: E402
 
@@ -70,6 +70,14 @@ def _clicked_mask(segmenter: Segmenter, box, clicks: np.ndarray, z: int | None =
 
 def _wait(qtbot, widget: SegmentWidget) -> None:
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+
+def test_a_3d_job_uses_the_clicks_on_its_box_slices_in_their_order():
+    """A box edited to fewer slices keeps its clicks in the layer (undo can bring the slices back) but runs
+    without those beyond it; the rest keep their order (clicks apply in order)."""
+    clicks = np.array([[5, 5, 3, 1], [6, 6, 9, 0], [7, 7, 4.4, 0], [8, 8, 1.6, 1]], np.float64)
+    job = BoxJob(1, np.array([0, 0, 2, 20, 20, 4]), clicks)
+    np.testing.assert_array_equal(job.clicks_in_range(), clicks[[0, 2, 3]])
 
 
 def test_2d_boxes_paint_the_segmenter_masks_and_reuse_the_embedding(

@@ -296,18 +296,18 @@ class Segmenter:
     ) -> np.ndarray:
         assert self._encoder is not None
         checked = case_from_arrays(self._encoder.volume[z], box[None], 2, source)
-        embedding = self._encoder(z)
-        geometry = self._encoder.geometry
-        assert geometry is not None
-        model_box = scale_boxes(checked.boxes, geometry)
         with_clicks = clicks is not None and len(clicks[0]) > 0
         key: tuple = (z, checked.boxes[0].tobytes())
         if with_clicks:
             points, labels = (np.ascontiguousarray(a, np.float64) for a in clicks)
             key += (points.tobytes(), labels.tobytes())
-        if key in self._decoded_masks:
+        if key in self._decoded_masks:  # before the embedding: a kept mask needs no encoder either
             self._decoded_masks.move_to_end(key)
             return self._decoded_masks[key].copy()
+        embedding = self._encoder(z)
+        geometry = self._encoder.geometry
+        assert geometry is not None
+        model_box = scale_boxes(checked.boxes, geometry)
         if with_clicks:
             logits = self.engine.decode(
                 embedding, model_box, scale_points(points, geometry)[None], labels.astype(np.float32)[None]

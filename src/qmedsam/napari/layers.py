@@ -46,6 +46,11 @@ class BoxJob:
     def is_3d(self) -> bool:
         return self.box.size == 6
 
+    def clicks_in_range(self) -> np.ndarray:
+        """The clicks on a 3D box's slices (a box edited to fewer slices leaves the clicks beyond them unused)."""
+        z = np.rint(self.clicks[:, 2])
+        return self.clicks[(z >= self.box[2]) & (z <= self.box[5])]
+
     def clicks_on(self, z: int) -> dict[str, np.ndarray]:
         """`Segmenter.predict` keyword arguments for the clicks on slice `z` (none: no keywords, the box alone)."""
         on = self.clicks[np.rint(self.clicks[:, 2]) == z]

@@ -658,11 +658,11 @@ class SegmentWidget(QWidget):
             yield 0, 1
             mask = segmenter.predict(job.box, **job.clicks_on(0))
             slices = 1
-        elif len(job.clicks):  # the box, then its clicks in order, each carried to the slices it reaches
+        elif len(clicks := job.clicks_in_range()):  # the box, then its clicks, each carried as far as it reaches
             yield 0, 1
             valid = spacing is not None and all(np.isfinite(v) and v > 0 for v in spacing)
             mask = segmenter.predict(
-                job.box, points=job.clicks[:, :3], point_labels=job.clicks[:, 3], spacing=spacing if valid else None
+                job.box, points=clicks[:, :3], point_labels=clicks[:, 3], spacing=spacing if valid else None
             )
             slices = int(job.box[5] - job.box[2]) + 1
         else:
