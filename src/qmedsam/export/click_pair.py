@@ -24,7 +24,6 @@ from qmedsam.inference.ov_core import shared_core
 def attach_click_decoder(into: Path, click_model: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy `click_model`'s decoder into `into` as click_decoder.xml/.bin and record it in `into`'s meta.json
     (`click_decoder`: its source, int8 coverage, parity, plus `record`); returns that record."""
-
     target_meta = read_model_meta(into)
     click_meta = read_model_meta(click_model)
     if encoder_sha256(into) != encoder_sha256(click_model):

@@ -215,7 +215,6 @@ def int8_coverage(model_dir: Path) -> dict[str, dict]:
     attention subgraphs, read back from the CPU plugin with the f32 hint (so a layer left unquantized
     shows up as f32, not as bf16), and the share of them that runs in i8/u8. The decoder's prompt-encoder
     layers (float by design) are listed apart and not counted."""
-
     core = shared_core()
     coverage = {}
     for part in ("encoder", "decoder"):

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 def _calibration_items(fp32_dir: Path, samples: Sequence[ParitySample]) -> tuple[list, list]:
     """Encoder inputs and decoder inputs (dicts keyed by IR input names) from real slices."""
-
     from qmedsam.model.calibrate import model_inputs
 
     core = shared_core()

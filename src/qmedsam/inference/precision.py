@@ -122,7 +122,6 @@ def measure_precision(
     min_agreement: float,
 ) -> PrecisionChoice:
     """Time each part at each candidate hint and score its masks against f32 on the probe."""
-
     if "f32" not in candidates:
         candidates = ("f32", *candidates)  # f32 is the accuracy reference and the fallback
     core = shared_core()

@@ -107,7 +107,6 @@ class OpenVINOEngine:
         num_threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-
         if precision not in PRECISION_CHOICES:
             raise UserFacingError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
         self.model_dir = Path(model_dir)
