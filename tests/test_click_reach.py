@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from qmedsam.inference.click_reach import VolumeClicks, carried_slices, click_reach_mm, local_edit
+from qmedsam.inference.click_reach import (
+    EXCLUDE_CARRY,
+    INCLUDE_CARRY,
+    VolumeClicks,
+    carried_slices,
+    click_reach_mm,
+    local_edit,
+)
 
 
 def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -27,7 +34,7 @@ def test_reach_is_the_in_plane_depth_of_what_the_click_changed():
     assert click_reach_mm(before, np.ones((40, 40), bool), (0, 20), (1.0, 1.0)) == 1.0
 
 
-def test_a_click_carries_within_its_reach_and_the_z_range_until_the_mask_agrees():
+def test_a_click_carries_within_its_measured_multiple_of_its_reach_and_the_z_range_until_the_mask_agrees():
     shape = (10, 10)
     empty, full = np.zeros(shape, bool), np.ones(shape, bool)
     masks = {z: empty for z in range(20)}
@@ -35,19 +42,29 @@ def test_a_click_carries_within_its_reach_and_the_z_range_until_the_mask_agrees(
     def slices(reach, z_range=(0, 19), label=1, z=10):
         return carried_slices(z, reach, 3.0, z_range, (5, 5), label, masks.get)
 
-    assert slices(0.0) == [] and slices(2.9) == []  # less than one slice away
-    assert slices(6.5) == [11, 12, 9, 8]  # two 3 mm slices each way, up first, nearest first
+    assert slices(0.0) == [] and slices(2.9 / INCLUDE_CARRY) == []  # less than one slice away
+    assert slices(6.5 / INCLUDE_CARRY) == [11, 12, 9, 8]  # two 3 mm slices each way, up first, nearest first
     assert slices(30.0, z_range=(8, 11)) == [11, 9, 8]  # never past the box's z range
     masks[12] = full  # an include click: the mask already covers the point there, so that error ends at 11
     assert slices(30.0) == [11, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     assert slices(30.0, label=0) == []  # an exclude click where the mask is already empty: nothing to carry
     # no mask on a slice is an empty one; 30 mm = 10 slices
-    assert carried_slices(5, 30.0, 3.0, (0, 19), (5, 5), 1, {}.get) == [*range(6, 16), 4, 3, 2, 1, 0]
+    assert carried_slices(5, 30.0 / INCLUDE_CARRY, 3.0, (0, 19), (5, 5), 1, {}.get) == [*range(6, 16), 4, 3, 2, 1, 0]
+    # an exclude click carries through a mask that still holds its point, EXCLUDE_CARRY x its reach
+    solid = {z: full for z in range(20)}
+    assert carried_slices(10, 6.5 / EXCLUDE_CARRY, 3.0, (0, 19), (5, 5), 0, solid.get) == [11, 12, 9, 8]
+    # the measured asymmetry: a false positive goes on farther in z than a miss of the same in-plane depth
+    assert EXCLUDE_CARRY > INCLUDE_CARRY > 1
+    include = carried_slices(10, 3.0, 3.0, (0, 19), (5, 5), 1, {}.get)
+    exclude = carried_slices(10, 3.0, 3.0, (0, 19), (5, 5), 0, solid.get)
+    assert set(include) < set(exclude)
 
 
 def test_volume_clicks_apply_in_order_and_accumulate_per_slice():
     """A toy decoder: the mask is the disc of radius 3 around every include click on the slice, minus those of
-    exclude clicks; a click carries to the slices its disc reaches (3 px ~ 1 slice of 3 mm at 1 mm pixels)."""
+    exclude clicks; a click's disc is sqrt(10) = 3.16 mm deep at its centre (the nearest pixel outside is (1, 3)
+    away), so an include click carries 2.5 x 3.16 = 7.9 mm (two 3 mm slices each way) and an exclude click
+    8 x 3.16 = 25 mm (here: the whole z range)."""
     shape = (20, 20)
     calls: list[tuple[int, list[list[float]], list[float]]] = []
 
@@ -61,12 +78,12 @@ def test_volume_clicks_apply_in_order_and_accumulate_per_slice():
 
     masks: dict[int, np.ndarray] = {z: np.zeros(shape, bool) for z in range(2, 8)}
     clicks = VolumeClicks(decode, masks, (2, 7), (3.0, 1.0, 1.0))
-    assert clicks.apply(4, 10.0, 10.0, 1) == [4, 5, 3]  # depth 4 px = 4 mm: one 3 mm slice each way
-    assert all(masks[z][10, 10] for z in (3, 4, 5)) and not masks[6][10, 10]
-    # an exclude click on the same spot removes the disc on 4; 3 and 5 still hold it, within reach: carried
-    assert clicks.apply(4, 10.0, 10.0, 0) == [4, 5, 3]
-    assert calls[-1] == (3, [[10.0, 10.0], [10.0, 10.0]], [1.0, 0.0])  # the slice's clicks so far, in order
-    assert not any(masks[z][10, 10] for z in (3, 4, 5))
+    assert clicks.apply(3, 10.0, 10.0, 1) == [3, 4, 5, 2]  # two slices up, one down to the z range's end
+    assert all(masks[z][10, 10] for z in (2, 3, 4, 5)) and not masks[6][10, 10]
+    # an exclude click on the same spot removes the disc on 4 and carries through every slice still holding it
+    assert clicks.apply(4, 10.0, 10.0, 0) == [4, 5, 3, 2]  # 6 already agrees (empty there): stops before it
+    assert calls[-1] == (2, [[10.0, 10.0], [10.0, 10.0]], [1.0, 0.0])  # the slice's clicks so far, in order
+    assert not any(masks[z][10, 10] for z in range(2, 8))
     assert clicks.apply(6, 10.0, 10.0, 0) == [6]  # already empty there: changes nothing, carries nowhere
 
 

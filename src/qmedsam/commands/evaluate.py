@@ -74,8 +74,9 @@ largest error region of that object's current mask against its ground truth (lab
 the region's border, the image edge counting as border (include where the mask misses, exclude where it
 overshoots; 3D in mm with the spacing above). Every click so far goes with the box; 3D objects are predicted
 with the fixed-box rule; a click re-decodes the slice it lands on (with the object's xy box, also outside its
-z range) and carries, as Segmenter.predict does, to the neighbouring slices within the box's z range as far
-in mm as its correction reached in-plane, stopping where the mask already agrees with it. An object with an
+z range) and carries, as Segmenter.predict does, to the neighbouring slices within the box's z range: an
+include click 2.5 times and an exclude click 8 times as far in mm as its correction reached in-plane (measured:
+benchmarks/click_carry_rule.py), stopping where the mask already agrees with it. An object with an
 exact mask gets no more clicks. After each round the case is scored as above (case DSC = mean over labels
 1..max(gt) of the label map holding every object, painted in box order as predict writes it; the NSD rule
 chosen). Click 0 (boxes only) is what `qmedsam evaluate` gives for

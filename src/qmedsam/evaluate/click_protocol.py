@@ -12,9 +12,9 @@ The protocol, deterministic (same model, same inputs: same numbers):
   is stateless; clicks accumulate). 2D re-decodes the image. 3D re-decodes the slice the click landed on, with
   the object's xy box and its clicks on that slice (a slice outside the box's z range the same way), then
   carries the click to its neighbours as `Segmenter.predict` does (qmedsam.inference.click_reach: the same
-  (y, x) on each next slice up and down, within the box's z range, as far in mm as the click's correction
-  reached in-plane, stopping where the mask already agrees with the click). An object whose mask is exact gets
-  no more clicks and keeps its mask;
+  (y, x) on each next slice up and down, within the box's z range, an include click 2.5 and an exclude click
+  8 times as far in mm as the click's correction reached in-plane, stopping where the mask already agrees).
+  An object whose mask is exact gets no more clicks and keeps its mask;
 - after each round of clicks the case's label map (objects painted in box order, later ones on top, as
   predict writes it) is scored with `evaluate_arrays`: the same case DSC (mean over labels 1..max(gt)) and NSD
   rule as `qmedsam evaluate`;
