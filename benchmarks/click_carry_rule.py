@@ -6,9 +6,10 @@ measured here on data neither reported set holds: the labelled 3D volumes of a t
 `evaluate --clicks` protocol (box, then clicks on the largest error) with the click carried as far as it can
 go (to the box's z range, stopping only where the mask already agrees with the click), and on every slice it
 reaches the ground truth says whether the error at the click's pixel goes on there (a miss: the object is
-there; a false positive: it is not). Printed: the share that goes on by distance in z, in units of the
-in-plane depth of the decoder's correction at the click (`click_reach_mm`), for include and exclude clicks.
-The product carries each kind of click as far as that share stays above one half.
+there; a false positive: it is not). Printed, by distance in z in units of the in-plane depth of the decoder's
+correction at the click (`click_reach_mm`), for include and exclude clicks: the share of slices where the error
+goes on, and the mean net effect of the edit made there (pixels set right minus pixels set wrong). The product
+carries each kind of click as far as that share stays above one half.
 
     python benchmarks/click_carry_rule.py data/train --out runs/click_carry_rule.json
 """
@@ -57,11 +58,13 @@ def training_volumes(tree: Path, split: str) -> list[tuple[Case, np.ndarray]]:
 
 
 class Recorder:
-    """Carries every click as far as it can go and records, per slice reached, whether its error goes on."""
+    """Carries every click as far as it can go and records, per slice reached, whether its error goes on and
+    what the edit there did: pixels it set right minus pixels it set wrong (its net gain)."""
 
     def __init__(self) -> None:
         self.truth: np.ndarray | None = None  # the clicked object's ground truth (set per click)
-        self.rows: list[tuple[int, float, bool]] = []  # (label, distance / reach, error goes on)
+        self.rows: list[list] = []  # [label, distance / reach, error goes on, net pixels]
+        self.pending: dict[int, int] = {}  # slice -> its row, until the slice is decoded
 
     def carried_slices(self, z, reach_mm, spacing_z, z_range, point_yx, label, mask_on) -> list[int]:
         if reach_mm <= 0 or spacing_z <= 0:
@@ -76,7 +79,8 @@ class Recorder:
                     break  # the mask already agrees: the product stops here too
                 assert self.truth is not None
                 goes_on = bool(self.truth[here, y, x]) == (label == click_reach.INCLUDE)
-                self.rows.append((int(label), abs(here - z) * spacing_z / reach_mm, goes_on))
+                self.pending[here] = len(self.rows)
+                self.rows.append([int(label), abs(here - z) * spacing_z / reach_mm, goes_on, 0])
                 carried.append(here)
                 here += direction
         return carried
@@ -92,6 +96,21 @@ def measure(tree: Path, split: str, clicks: int) -> dict:
         return original_apply(state, index, click)
 
     click_protocol._Objects.apply = apply  # type: ignore[method-assign]
+    original_decode = click_reach.VolumeClicks._decode
+
+    def decode(clicks, z, x, y, label):
+        before = clicks.masks.get(z)
+        before = None if before is None else before.copy()
+        decoded = original_decode(clicks, z, x, y, label)
+        row = recorder.pending.pop(z, None)
+        if row is not None:
+            after = clicks.masks[z]
+            changed = (np.zeros_like(after) if before is None else before) ^ after
+            right = after == recorder.truth[z]
+            recorder.rows[row][3] = int((changed & right).sum()) - int((changed & ~right).sum())
+        return decoded
+
+    click_reach.VolumeClicks._decode = decode  # type: ignore[method-assign]
     engine = load_engine("int8")
     volumes = training_volumes(tree, split)
     started = time.perf_counter()
@@ -102,12 +121,21 @@ def measure(tree: Path, split: str, clicks: int) -> dict:
         print(f"{case.name}: {len(case.boxes)} objects, {len(recorder.rows)} carried slices so far", file=sys.stderr)
     table = {}
     for label, kind in ((1, "include"), (0, "exclude")):
-        rows = [(ratio, goes_on) for lab, ratio, goes_on in recorder.rows if lab == label]
+        rows = [row[1:] for row in recorder.rows if row[0] == label]
         table[kind] = []
         for low, high in zip(BINS, BINS[1:], strict=False):
-            inside = [goes_on for ratio, goes_on in rows if low < ratio <= high]
+            inside = [(goes_on, net) for ratio, goes_on, net in rows if low < ratio <= high]
             if inside:
-                table[kind].append({"from": low, "to": high, "slices": len(inside), "goes_on": float(np.mean(inside))})
+                goes_on, net = np.array(inside, dtype=np.float64).T
+                table[kind].append(
+                    {
+                        "from": low,
+                        "to": high,
+                        "slices": len(inside),
+                        "goes_on": goes_on.mean(),
+                        "net_pixels": net.mean(),
+                    }
+                )
     return {
         "tree": str(tree),
         "split": split,
@@ -137,11 +165,13 @@ def main() -> None:
     args = parser.parse_args()
     result = measure(args.tree, args.split, args.clicks)
     for kind, bins in result["table"].items():
-        print(f"{kind} clicks: distance in z / in-plane reach -> share of slices where the error goes on")
+        print(f"{kind} clicks: distance in z / in-plane reach -> slices, share where the error goes on, net pixels")
         for row in bins:
-            print(f"  ({row['from']:g}, {row['to']:g}]  {row['slices']:5d} slices  {row['goes_on']:.2f}")
+            bin_name = f"({row['from']:g}, {row['to']:g}]"
+            print(f"  {bin_name:11} {row['slices']:5d}  {row['goes_on']:.2f}  {row['net_pixels']:+7.1f}")
         print(f"  goes on in more than half up to {carry_limit(bins):g} x the reach")
-    print(f"{len(result['cases'])} volumes, {result['seconds']:.0f} s; product: include x{click_reach.INCLUDE_CARRY}")
+    product = f"include x{click_reach.INCLUDE_CARRY:g}, exclude x{click_reach.EXCLUDE_CARRY:g}"
+    print(f"{len(result['cases'])} volumes, {result['seconds']:.0f} s; the product carries {product}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
