@@ -123,3 +123,10 @@ def test_an_exclude_click_on_a_rim_never_empties_the_object():
     assert not dropped[click] and dropped[20, 20] and dropped.sum() > before.sum() // 4
     # in mm: a 2 mm pixel pitch across x makes the same click no deeper, relative to the edge, than before
     assert np.array_equal(local_edit(before, np.zeros_like(before), click, 0, (2.0, 2.0)), dropped)
+
+
+def test_the_evaluate_help_states_the_carry_the_code_uses():
+    from qmedsam.commands.evaluate import DESCRIPTION
+
+    text = " ".join(DESCRIPTION.split())
+    assert f"include click {INCLUDE_CARRY:g} times and an exclude click {EXCLUDE_CARRY:g} times" in text
