@@ -30,6 +30,7 @@ from qmedsam.engines import load_engine
 from qmedsam.evaluate import click_protocol
 from qmedsam.inference import click_reach
 
+PRODUCT_CARRIED_SLICES = click_reach.carried_slices
 BINS = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 8.0, float("inf"))
 
 
@@ -67,22 +68,18 @@ class Recorder:
         self.pending: dict[int, int] = {}  # slice -> its row, until the slice is decoded
 
     def carried_slices(self, z, reach_mm, spacing_z, z_range, point_yx, label, mask_on) -> list[int]:
+        """The product's `carried_slices` with a reach past the z range's ends: every slice it would carry to
+        with no limit in z (the agreement stop still applies), each recorded against the ground truth."""
         if reach_mm <= 0 or spacing_z <= 0:
             return []
+        whole_range = (z_range[1] - z_range[0] + 1) * spacing_z  # both multiples are >= 1
+        carried = PRODUCT_CARRIED_SLICES(z, whole_range, spacing_z, z_range, point_yx, label, mask_on)
         y, x = point_yx
-        carried = []
-        for direction in (1, -1):
-            here = z + direction
-            while z_range[0] <= here <= z_range[1]:
-                mask = mask_on(here)
-                if bool(mask is not None and mask[y, x]) == (label == click_reach.INCLUDE):
-                    break  # the mask already agrees: the product stops here too
-                assert self.truth is not None
-                goes_on = bool(self.truth[here, y, x]) == (label == click_reach.INCLUDE)
-                self.pending[here] = len(self.rows)
-                self.rows.append([int(label), abs(here - z) * spacing_z / reach_mm, goes_on, 0])
-                carried.append(here)
-                here += direction
+        assert self.truth is not None
+        for here in carried:
+            goes_on = bool(self.truth[here, y, x]) == (label == click_reach.INCLUDE)
+            self.pending[here] = len(self.rows)
+            self.rows.append([int(label), abs(here - z) * spacing_z / reach_mm, goes_on, 0])
         return carried
 
 
