@@ -226,8 +226,10 @@ class Segmenter:
         removed; qmedsam.inference.click_reach). Decoded masks are kept for the image (by slice, box and clicks),
         so calling again with one more click costs one decoder call (plus the slices it carries to).
         With a 3D box, `points` (N, 3) are (x, y, z) voxel coordinates, and each click also carries to the
-        neighbouring slices of the box's z range its correction reaches; `spacing` (z, y, x) in mm makes that
-        reach physical (default: cubic voxels). Stateless: the same inputs give the same mask.
+        neighbouring slices of the box's z range (an include click 2.5x, an exclude click 8x as far in z as its
+        correction reached in-plane, as far as such errors go on: qmedsam.inference.click_reach); `spacing`
+        (z, y, x) in mm makes that distance physical (default: cubic voxels). Stateless: the same inputs give the
+        same mask.
         """
         if self._encoder is None or self._dimension is None:
             raise UserFacingError("call set_image(image) before predict(box)")

@@ -530,7 +530,7 @@ class SegmentWidget(QWidget):
 
     def _enqueue_clicks(self, touched: set[tuple[int, int]]) -> None:
         """Re-run each object whose clicks changed, from its box and all its clicks (on a volume a click also
-        carries to the neighbouring slices its correction reaches, as `Segmenter.predict` with a 3D box does;
+        carries to neighbouring slices, as `Segmenter.predict` with a 3D box does (qmedsam.inference.click_reach);
         the slices' embeddings are cached, so only the decoder runs)."""
         rows = {int(label): row for row, label in enumerate(self.boxes_layer.features["label"]) if int(label)}
         for label in sorted({label for label, _ in touched}):
