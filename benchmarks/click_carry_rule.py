@@ -26,6 +26,7 @@ import numpy as np
 
 from qmedsam.data.cases import Case
 from qmedsam.data.npz import read_npz
+from qmedsam.datasets.recipes.demo import tight_boxes
 from qmedsam.engines import load_engine
 from qmedsam.evaluate import click_protocol
 from qmedsam.inference import click_reach
@@ -48,12 +49,8 @@ def training_volumes(tree: Path, split: str) -> list[tuple[Case, np.ndarray]]:
         if labels != list(range(1, len(labels) + 1)):
             print(f"skipped {path}: labels are not 1..N", file=sys.stderr)
             continue
-        boxes = []
-        for label in labels:
-            z, y, x = np.nonzero(gts == label)
-            boxes.append([x.min(), y.min(), z.min(), x.max(), y.max(), z.max()])
         spacing = tuple(float(s) for s in data["spacing"])
-        case = Case(path, 3, np.asarray(data["imgs"]), np.asarray(boxes, np.int64), spacing)  # type: ignore[arg-type]
+        case = Case(path, 3, np.asarray(data["imgs"]), tight_boxes(gts, len(labels)), spacing)  # type: ignore[arg-type]
         cases.append((case, gts))
     return cases
 
